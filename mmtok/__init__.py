@@ -1,0 +1,29 @@
+"""mmtok: turn any modality into discrete tokens and generate new ones."""
+
+from mmtok.errors import MmtokError, PluginError
+from mmtok.hookspecs import hookimpl
+from mmtok.hub import HubModel, load_model
+from mmtok.modality import Modality, Sample
+from mmtok.plugins import get_plugin_manager
+from mmtok.quantize import QuantizerOutput, ResidualVectorQuantizer, VectorQuantizer
+from mmtok.tokenizer import Tokenizer
+from mmtok.tokens import TokenSpace, Tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HubModel",
+    "MmtokError",
+    "Modality",
+    "PluginError",
+    "QuantizerOutput",
+    "ResidualVectorQuantizer",
+    "Sample",
+    "TokenSpace",
+    "Tokenizer",
+    "Tokens",
+    "VectorQuantizer",
+    "get_plugin_manager",
+    "hookimpl",
+    "load_model",
+]

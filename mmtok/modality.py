@@ -1,0 +1,96 @@
+"""The Modality base class: a file reader and writer plus a default tokenizer.
+
+A plugin subclasses :class:`Modality` once per modality and registers an instance through
+the ``register_modalities`` hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+
+from mmtok.errors import MmtokError
+
+if TYPE_CHECKING:
+    from mmtok.tokenizer import Tokenizer
+
+
+@dataclass
+class Sample:
+    """One item of a modality in memory.
+
+    ``data`` is a tensor for continuous modalities (an image is ``(C, H, W)`` float in
+    [0, 1], audio is ``(channels, samples)`` float in [-1, 1]) and a ``str`` for text.
+    ``metadata`` holds what a writer or decoder needs (sample rate, original size, ...)
+    and must be JSON-serialisable.
+    """
+
+    data: torch.Tensor | str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Modality:
+    """Base class for a modality plugin.
+
+    Subclasses set ``name`` (lowercase, unique), ``suffixes`` (lowercase file suffixes
+    with the dot, used to pick the modality of a file) and ``default_tokenizer`` (a model
+    name or path), and implement :meth:`read`, :meth:`write` and :meth:`tokenizer_class`.
+    """
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    default_tokenizer: ClassVar[str] = ""
+    # Suffix used by `mmtok generate` and `mmtok decode` when no output name is given.
+    default_suffix: ClassVar[str] = ""
+
+    def read(self, path: Path) -> Sample:
+        """Read one file into a :class:`Sample`; raise :class:`MmtokError` for bad files."""
+        raise NotImplementedError
+
+    def write(self, sample: Sample, path: Path) -> None:
+        """Write ``sample`` to ``path``; the suffix of ``path`` selects the format."""
+        raise NotImplementedError
+
+    def tokenizer_class(self) -> type["Tokenizer"]:
+        """Return the tokenizer class this modality uses by default."""
+        raise NotImplementedError
+
+    def bundled_models(self) -> dict[str, Path]:
+        """Return the names and folders of models shipped with this plugin."""
+        return {}
+
+    def accepts(self, path: Path) -> bool:
+        return path.suffix.lower() in self.suffixes
+
+    def save(self, sample: Sample, path: Path, *, force: bool = False) -> None:
+        """Write ``sample`` atomically: to a temporary file first, renamed on success."""
+        with atomic_output(Path(path), force=force) as temporary:
+            self.write(sample, temporary)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` and rename it to ``path`` on success.
+
+    The temporary path keeps the suffix of ``path``, so writers that choose a format by
+    suffix work. Nothing is left behind when the body raises.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise MmtokError(f"{path}: file exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise MmtokError(f"{path}: folder {path.parent} does not exist")
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""The Tokenizer base class: encode and decode samples, files and flattened sequences.
+
+Every tokenizer is a :class:`mmtok.hub.HubModel`, so it saves, loads and pushes with the
+Hugging Face Hub conventions, and stamps the tokens it makes with its name and weights
+hash so decoding with another tokenizer fails clearly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mmtok.errors import MmtokError
+from mmtok.hub import HubModel
+from mmtok.modality import Sample
+from mmtok.tokens import Tokens
+
+
+class Tokenizer(HubModel):
+    """Base class of modality tokenizers.
+
+    Subclasses set ``modality`` and implement :meth:`encode_batch`, :meth:`decode`,
+    :meth:`to_sequence`, :meth:`from_sequence` and :attr:`vocab_size`.
+    """
+
+    modality: ClassVar[str]
+    card_template = "tokenizer"
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the flattened id range that :meth:`to_sequence` produces."""
+        raise NotImplementedError
+
+    # Samples ------------------------------------------------------------------------
+
+    def encode_batch(self, samples: list[Sample]) -> list[Tokens]:
+        """Encode several samples; the result equals encoding them one by one."""
+        raise NotImplementedError
+
+    def encode(self, sample: Sample) -> Tokens:
+        """Encode one sample."""
+        return self.encode_batch([sample])[0]
+
+    def decode(self, tokens: Tokens) -> Sample:
+        """Decode tokens made by this tokenizer back into a sample."""
+        raise NotImplementedError
+
+    # Flattened sequences for the generator -----------------------------------------
+
+    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+        """Flatten ``codes`` of one sample into 1-D ids in ``[0, vocab_size)``."""
+        raise NotImplementedError
+
+    def from_sequence(self, ids: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`to_sequence`."""
+        raise NotImplementedError
+
+    def generation_metadata(self, sequence_length: int) -> dict[str, Any]:
+        """Return the token metadata for a generated sequence of this length."""
+        return {}
+
+    # Files --------------------------------------------------------------------------
+
+    def encode_file(self, path: Path) -> Tokens:
+        """Read a file with this tokenizer's modality and encode it."""
+        from mmtok.plugins import get_plugin_manager
+
+        modality = get_plugin_manager().modality(self.modality)
+        return self.encode(modality.read(Path(path)))
+
+    def decode_to_file(self, tokens: Tokens, path: Path, *, force: bool = False) -> None:
+        """Decode tokens and write the result atomically to ``path``."""
+        from mmtok.plugins import get_plugin_manager
+
+        modality = get_plugin_manager().modality(self.modality)
+        modality.save(self.decode(tokens), Path(path), force=force)
+
+    # Helpers for subclasses -------------------------------------------------------
+
+    def make_tokens(self, codes: torch.Tensor, metadata: dict[str, Any]) -> Tokens:
+        return Tokens(
+            codes=codes.to(torch.int64).cpu(),
+            modality=self.modality,
+            tokenizer=self.name_or_path,
+            tokenizer_hash=self.weights_hash(),
+            metadata=metadata,
+        )
+
+    def check_tokens(self, tokens: Tokens, *, low: int = 0, high: int | None = None) -> None:
+        """Raise :class:`MmtokError` when ``tokens`` were not made by this tokenizer."""
+        if tokens.modality != self.modality:
+            raise MmtokError(f"tokens are {tokens.modality}, but this tokenizer decodes {self.modality}")
+        own_hash = self.weights_hash()
+        if tokens.tokenizer_hash != own_hash:
+            raise MmtokError(
+                f"tokens were made by tokenizer {tokens.tokenizer!r} (weights {tokens.tokenizer_hash}), "
+                f"not by {self.name_or_path!r} (weights {own_hash}); decode with the tokenizer that encoded them"
+            )
+        codes = tokens.codes
+        if codes.numel() and int(codes.min()) < low:
+            raise MmtokError(f"token id {int(codes.min())} is negative")
+        if high is not None and codes.numel() and int(codes.max()) >= high:
+            raise MmtokError(f"token id {int(codes.max())} is out of range for a codebook of size {high}")
+
+    def weights_hash(self) -> str:
+        # Cached because decode and encode call it per sample; parameters change only in training.
+        if self.training or not hasattr(self, "_cached_hash"):
+            self._cached_hash = super().weights_hash()
+        return self._cached_hash
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        if hasattr(self, "_cached_hash"):
+            del self._cached_hash
+        return super().train(mode)

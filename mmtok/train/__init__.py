@@ -1,0 +1,1 @@
+"""Training loops for tokenizers and the generator."""

@@ -1,0 +1,1 @@
+"""Model-card templates rendered by ``save_pretrained`` and ``push_to_hub``."""
