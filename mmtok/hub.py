@@ -83,6 +83,8 @@ class HubModel(
         # Metrics measured by training or `mmtok eval`, rendered into the model card and
         # stored in config.json so `mmtok info` can show them.
         self.metrics: dict[str, float | str] = {}
+        # How the model was trained (data, steps, command), rendered into the model card.
+        self.training_note = ""
 
     # Loading ------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class HubModel(
         **model_kwargs: Any,
     ):
         metrics = (config or {}).get("metrics", {}) or {}
+        training_note = (config or {}).get("training_note", "")
         if os.path.isdir(model_id):
             model_file = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(model_file):
@@ -146,6 +149,7 @@ class HubModel(
         except (RuntimeError, OSError, safetensors.SafetensorError) as error:
             raise MmtokError(f"{model_file}: invalid weights for {cls.__name__}: {error}") from error
         model.metrics = dict(metrics)
+        model.training_note = training_note
         model.eval()
         return model
 
@@ -157,6 +161,7 @@ class HubModel(
         (save_directory / "README.md").unlink(missing_ok=True)
         config = dict(self._hub_mixin_config or {})
         config["metrics"] = self.metrics
+        config["training_note"] = self.training_note
         config["mmtok_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         return super().save_pretrained(save_directory, config=config, **kwargs)
 
@@ -182,6 +187,7 @@ class HubModel(
             metrics=self.metrics,
             weights_hash=self.weights_hash(),
             parameters=sum(p.numel() for p in self.parameters()),
+            training=self.training_note,
             **self.card_variables(),
             **kwargs,
         )
@@ -252,3 +258,45 @@ def load_model(name_or_path: str, **kwargs: Any) -> HubModel:
             f"{name_or_path}: model class {qualified} is not installed; install the plugin that provides it"
         ) from error
     return cls.from_pretrained(name_or_path, **kwargs)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload with mmtok push",
+    token: str | None = None,
+) -> str:
+    """Upload a saved model folder to the Hub and return the commit URL.
+
+    The folder must hold an mmtok ``config.json``; training checkpoints are left out.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise MmtokError(f"{folder}: no {CONFIG_NAME}; save a model with save_pretrained first")
+    try:
+        config = json.loads(config_path.read_text("utf-8"))
+    except json.JSONDecodeError as error:
+        raise MmtokError(f"{config_path}: invalid JSON: {error}") from error
+    if "mmtok_class" not in config:
+        raise MmtokError(f"{config_path}: not an mmtok model (no mmtok_class)")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise MmtokError(f"{folder}: {WEIGHTS_NAME} not found")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+    if revision:
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        revision=revision,
+        ignore_patterns=["checkpoint/*", ".*"],
+    )
+    logger.info("pushed %s to %s", folder, repo_id)
+    return str(getattr(info, "commit_url", info))

@@ -65,6 +65,15 @@ class Modality:
         """Return the names and folders of models shipped with this plugin."""
         return {}
 
+    def train_tokenizer(self, data_dir: Path, output_dir: Path, **options: Any) -> "Tokenizer":
+        """Train a tokenizer on ``data_dir`` and save it to ``output_dir``.
+
+        ``options`` are those of `mmtok train tokenizer`: ``steps``, ``batch_size``,
+        ``lr``, ``seed``, ``logdir``, ``resume``, ``checkpoint_every`` and ``model_args``
+        (a dict of tokenizer constructor arguments). Unset options are absent.
+        """
+        raise MmtokError(f"modality {self.name!r} does not support tokenizer training")
+
     def accepts(self, path: Path) -> bool:
         return path.suffix.lower() in self.suffixes
 
@@ -89,6 +98,10 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
+    # mkstemp creates the file readable by its owner only; give it the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield temporary
         os.replace(temporary, path)

@@ -150,7 +150,9 @@ class VectorQuantizer(nn.Module):
             self._update(flat.detach().float(), codes)
         quantized = self.lookup(codes).to(z.dtype)
         loss = self.beta * F.mse_loss(flat, quantized.detach())
-        quantized = flat + (quantized - flat).detach()  # straight-through gradient
+        # Straight-through gradient. Adding the exact zero (flat - flat.detach()) keeps the
+        # forward value bit-identical to lookup(codes), unlike flat + (q - flat).detach().
+        quantized = quantized + (flat - flat.detach())
         usage, perplexity = _batch_statistics(codes, self.codebook_size)
         return QuantizerOutput(codes.view(z.shape[:-1]), quantized.view(z.shape), loss, usage, perplexity)
 

@@ -49,17 +49,24 @@ class Tokenizer(HubModel):
 
     # Flattened sequences for the generator -----------------------------------------
 
-    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+    # ``options`` are the generator's per-modality sequence options (for example how many
+    # residual levels of audio it models); tokenizers ignore the ones they do not know.
+
+    def to_sequence(self, codes: torch.Tensor, **options: Any) -> torch.Tensor:
         """Flatten ``codes`` of one sample into 1-D ids in ``[0, vocab_size)``."""
         raise NotImplementedError
 
-    def from_sequence(self, ids: torch.Tensor) -> torch.Tensor:
+    def from_sequence(self, ids: torch.Tensor, **options: Any) -> torch.Tensor:
         """Invert :meth:`to_sequence`."""
         raise NotImplementedError
 
-    def generation_metadata(self, sequence_length: int) -> dict[str, Any]:
+    def generation_metadata(self, sequence_length: int, **options: Any) -> dict[str, Any]:
         """Return the token metadata for a generated sequence of this length."""
         return {}
+
+    def sequence_defaults(self) -> tuple[int, dict[str, Any]]:
+        """Return the default generator segment length and sequence options."""
+        return 256, {}
 
     # Files --------------------------------------------------------------------------
 
@@ -111,6 +118,9 @@ class Tokenizer(HubModel):
         return self._cached_hash
 
     def train(self, mode: bool = True):  # type: ignore[override]
-        if hasattr(self, "_cached_hash"):
-            del self._cached_hash
+        self.__dict__.pop("_cached_hash", None)
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_cached_hash", None)
+        super()._load_from_state_dict(*args, **kwargs)

@@ -41,9 +41,20 @@ class Tokens:
     tokenizer_hash: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def to_bytes(self) -> bytes:
+        """Serialise to the token-file format."""
+        return safetensors.torch.save({"codes": self._codes_for_saving()}, metadata=self._header())
+
     def save(self, path: Path, *, force: bool = False) -> None:
         """Write a token file atomically."""
-        header = {
+        with atomic_output(Path(path), force=force) as temporary:
+            temporary.write_bytes(self.to_bytes())
+
+    def _codes_for_saving(self) -> torch.Tensor:
+        return self.codes.detach().to("cpu", torch.int64).contiguous()
+
+    def _header(self) -> dict[str, str]:
+        return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "modality": self.modality,
@@ -51,9 +62,6 @@ class Tokens:
             "tokenizer_hash": self.tokenizer_hash,
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        codes = self.codes.detach().to("cpu", torch.int64).contiguous()
-        with atomic_output(Path(path), force=force) as temporary:
-            safetensors.torch.save_file({"codes": codes}, str(temporary), metadata=header)
 
     @classmethod
     def load(cls, path: Path) -> "Tokens":

@@ -1,0 +1,194 @@
+"""The Python API behind the command line: load models, encode, decode and generate.
+
+Each function works on files or in-memory samples, so the CLI stays a thin layer::
+
+    from mmtok import api
+    tokens = api.encode_file("song.wav")
+    sample = api.decode_tokens(tokens)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmtok.errors import MmtokError
+from mmtok.hub import HubModel, load_model
+from mmtok.modality import Sample
+from mmtok.plugins import get_plugin_manager
+from mmtok.tokenizer import Tokenizer
+from mmtok.tokens import Tokens
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GENERATOR = "mmtok/generator"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Map ``auto``, ``cpu`` or ``cuda`` (optionally ``cuda:N``) to a torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MmtokError(f"device {device!r} requested, but CUDA is not available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MmtokError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+_loaded: dict[tuple[str, str], HubModel] = {}
+
+
+def load_cached(name_or_path: str, device: torch.device | str = "cpu") -> HubModel:
+    """Load a model once per process and device."""
+    key = (str(name_or_path), str(device))
+    if key not in _loaded:
+        _loaded[key] = load_model(str(name_or_path)).to(device).eval()
+    return _loaded[key]
+
+
+def load_tokenizer(name_or_path: str, modality: str | None = None, device: torch.device | str = "cpu") -> Tokenizer:
+    """Load a tokenizer by name or path and check that it handles ``modality``."""
+    model = load_cached(name_or_path, device)
+    if not isinstance(model, Tokenizer):
+        raise MmtokError(f"{name_or_path}: is a {type(model).__name__}, not a tokenizer")
+    if modality is not None and model.modality != modality:
+        raise MmtokError(f"{name_or_path}: is a {model.modality} tokenizer, but the input is {modality}")
+    return model
+
+
+def default_tokenizer(modality: str, device: torch.device | str = "cpu") -> Tokenizer:
+    """Load the default tokenizer of a registered modality."""
+    entry = get_plugin_manager().modality(modality)
+    if not entry.default_tokenizer:
+        raise MmtokError(f"modality {modality!r} has no default tokenizer; pass --tokenizer")
+    return load_tokenizer(entry.default_tokenizer, modality, device)
+
+
+def read_sample(path: Path, modality: str | None = None) -> tuple[str, Sample]:
+    """Read a file with the named modality, or the one its suffix selects."""
+    manager = get_plugin_manager()
+    entry = manager.modality(modality) if modality else manager.modality_for_file(Path(path))
+    return entry.name, entry.read(Path(path))
+
+
+def encode_file(
+    path: Path,
+    tokenizer: Tokenizer | str | None = None,
+    modality: str | None = None,
+    device: torch.device | str = "cpu",
+) -> Tokens:
+    """Read and encode one file; the tokenizer defaults to the modality's default."""
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, device=device)
+    if tokenizer is not None and modality is None:
+        modality = tokenizer.modality
+    modality_name, sample = read_sample(Path(path), modality)
+    if tokenizer is None:
+        tokenizer = default_tokenizer(modality_name, device)
+    elif tokenizer.modality != modality_name:
+        raise MmtokError(f"{path}: is {modality_name}, but the tokenizer encodes {tokenizer.modality}")
+    try:
+        return tokenizer.encode(sample)
+    except MmtokError as error:
+        raise MmtokError(f"{path}: {error}") from error
+
+
+def decode_tokens(
+    tokens: Tokens, tokenizer: Tokenizer | str | None = None, device: torch.device | str = "cpu"
+) -> Sample:
+    """Decode tokens with the given tokenizer, or the one recorded in them."""
+    if tokenizer is None:
+        tokenizer = tokens.tokenizer
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, tokens.modality, device)
+    return tokenizer.decode(tokens)
+
+
+def write_sample(sample: Sample, modality: str, path: Path, *, force: bool = False) -> None:
+    """Write a sample atomically with the modality's writer."""
+    get_plugin_manager().modality(modality).save(sample, Path(path), force=force)
+
+
+def load_generator(name_or_path: str = DEFAULT_GENERATOR, device: torch.device | str = "cpu"):
+    """Load a generator together with the tokenizers of its vocabulary.
+
+    Returns ``(generator, {modality: tokenizer})``. Each tokenizer is loaded by the name
+    recorded in the generator's token space and must match its size and weights hash.
+    """
+    from mmtok.generate import Generator
+
+    model = load_cached(name_or_path, device)
+    if not isinstance(model, Generator):
+        raise MmtokError(f"{name_or_path}: is a {type(model).__name__}, not a generator")
+    tokenizers = {}
+    for entry in model.token_space.ranges.values():
+        tokenizer_name = _tokenizer_name_for(name_or_path, entry.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_name, entry.modality, device)
+        model.check_tokenizer(entry.modality, tokenizer)
+        tokenizers[entry.modality] = tokenizer
+    return model, tokenizers
+
+
+def _tokenizer_name_for(generator_name: str, tokenizer_name: str) -> str:
+    """Resolve a tokenizer name stored in a generator: relative names are subfolders."""
+    from mmtok.hub import resolve_name
+
+    generator_folder = Path(resolve_name(generator_name))
+    if tokenizer_name.startswith("./"):
+        candidate = generator_folder.parent / tokenizer_name[2:]
+        if candidate.is_dir():
+            return str(candidate)
+    return tokenizer_name
+
+
+def generate(
+    modality: str,
+    n: int = 1,
+    *,
+    model: str = DEFAULT_GENERATOR,
+    steps: int = 32,
+    sampler: str = "confidence",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    prompt: str | None = None,
+    guidance: float = 0.0,
+    device: torch.device | str = "cpu",
+    show_progress: bool = False,
+) -> list[Sample]:
+    """Generate ``n`` samples of ``modality``, optionally conditioned on a text prompt."""
+    generator, tokenizers = load_generator(model, device)
+    if modality not in tokenizers:
+        raise MmtokError(
+            f"generator {model!r} cannot generate {modality!r}; it knows {', '.join(sorted(tokenizers))}"
+        )
+    condition = None
+    if prompt is not None:
+        if "text" not in tokenizers or modality == "text":
+            raise MmtokError(f"generator {model!r} cannot condition {modality} on a text prompt")
+        if not generator.supports_condition("text", modality):
+            raise MmtokError(f"generator {model!r} was not trained to generate {modality} from text")
+        condition = [("text", tokenizers["text"].to_sequence(tokenizers["text"].encode(Sample(prompt)).codes))]
+    sequences = generator.generate(
+        modality,
+        n,
+        steps=steps,
+        sampler=sampler,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        condition=condition,
+        guidance=guidance,
+        show_progress=show_progress,
+    )
+    tokenizer = tokenizers[modality]
+    options: dict[str, Any] = generator.sequence_options.get(modality, {})
+    samples = []
+    for ids in sequences:
+        codes = tokenizer.from_sequence(ids.cpu(), **options)
+        tokens = tokenizer.make_tokens(codes, tokenizer.generation_metadata(len(ids), **options))
+        samples.append(tokenizer.decode(tokens))
+    return samples

@@ -1,0 +1,431 @@
+"""The ``mmtok`` command line: thin click commands over :mod:`mmtok.api`.
+
+Errors a user can fix print one line on stderr and exit with code 1; bad usage exits
+with code 2 (click's convention). Progress and logs go to stderr; data goes to stdout
+only with ``-o -``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from mmtok import __version__
+from mmtok.errors import MmtokError
+
+logger = logging.getLogger("mmtok")
+
+STDOUT = "-"
+
+
+def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`MmtokError` into one line on stderr and exit code 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except MmtokError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="Device to run models on: auto (CUDA when available), cpu or cuda.",
+    )(function)
+
+
+def seed_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--seed", type=int, default=None, help="Random seed, for repeatable results.")(function)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mmtok")
+@click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
+def cli(verbose: int) -> None:
+    """Turn any modality into discrete tokens, and generate new ones."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# encode / decode -----------------------------------------------------------------------
+
+
+def _output_paths(inputs: list[Path], output: str | None, make_name: Callable[[Path], Path]) -> list[Path | None]:
+    """Choose an output per input; ``None`` means stdout."""
+    if output == STDOUT:
+        if len(inputs) != 1:
+            raise click.UsageError("-o - (stdout) takes exactly one input")
+        return [None]
+    if output is None:
+        return [make_name(path) for path in inputs]
+    target = Path(output)
+    if len(inputs) > 1:
+        if not target.is_dir():
+            raise click.UsageError(f"with several inputs, -o must be an existing folder; {target} is not one")
+        return [target / make_name(path).name for path in inputs]
+    if target.is_dir():
+        return [target / make_name(inputs[0]).name]
+    return [target]
+
+
+def _write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _run_each(inputs: list[Path], action: Callable[[Path, Path | None], None], outputs: list[Path | None]) -> None:
+    failures = 0
+    for path, output in zip(inputs, outputs):
+        try:
+            action(path, output)
+        except MmtokError as error:
+            message = str(error)
+            if str(path) not in message:
+                message = f"{path}: {message}"
+            click.echo(f"error: {message}", err=True)
+            failures += 1
+    if failures:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", help="Output token file, a folder for several inputs, or - for stdout.")
+@click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the modality's default).")
+@click.option("--modality", help="Read the inputs as this modality instead of choosing by suffix.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@device_option
+@handle_errors
+def encode(files: tuple[Path, ...], output, tokenizer_name, modality, force, device) -> None:
+    """Encode files into token files (FILE.mmtok beside each input)."""
+    from mmtok import api
+    from mmtok.tokens import TOKEN_FILE_SUFFIX
+
+    torch_device = api.resolve_device(device)
+    tokenizer = api.load_tokenizer(tokenizer_name, modality, torch_device) if tokenizer_name else None
+    inputs = list(files)
+    outputs = _output_paths(inputs, output, lambda p: p.with_name(p.name + TOKEN_FILE_SUFFIX))
+
+    def encode_one(path: Path, target: Path | None) -> None:
+        if target is not None and target.exists() and not force:
+            raise MmtokError(f"{target}: file exists; pass --force to overwrite it")
+        tokens = api.encode_file(path, tokenizer, modality, torch_device)
+        if target is None:
+            _write_stdout(tokens.to_bytes())
+        else:
+            tokens.save(target, force=force)
+            logger.info("wrote %s (%d tokens)", target, tokens.codes.numel())
+
+    _run_each(inputs, encode_one, outputs)
+
+
+def _decoded_name(path: Path) -> Path:
+    from mmtok.tokens import TOKEN_FILE_SUFFIX
+
+    name = path.name[: -len(TOKEN_FILE_SUFFIX)] if path.name.endswith(TOKEN_FILE_SUFFIX) else path.name
+    original = Path(name)
+    # song.wav.mmtok -> song.decoded.wav, so the original file is never the target.
+    return path.with_name(f"{original.stem}.decoded{original.suffix}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", help="Output file, a folder for several inputs, or - for stdout.")
+@click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the one recorded in the file).")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@device_option
+@handle_errors
+def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> None:
+    """Decode token files back into media files (NAME.decoded.EXT by default)."""
+    from mmtok import api
+    from mmtok.plugins import get_plugin_manager
+    from mmtok.tokens import Tokens
+
+    torch_device = api.resolve_device(device)
+    inputs = list(files)
+    outputs = _output_paths(inputs, output, _decoded_name)
+
+    def decode_one(path: Path, target: Path | None) -> None:
+        if target is not None and target.exists() and not force:
+            raise MmtokError(f"{target}: file exists; pass --force to overwrite it")
+        tokens = Tokens.load(path)
+        try:
+            sample = api.decode_tokens(tokens, tokenizer_name, torch_device)
+        except MmtokError as error:
+            raise MmtokError(f"{path}: {error}") from error
+        if target is None:
+            modality = get_plugin_manager().modality(tokens.modality)
+            with tempfile.TemporaryDirectory() as folder:
+                temporary = Path(folder, "output" + modality.default_suffix)
+                modality.save(sample, temporary)
+                _write_stdout(temporary.read_bytes())
+        else:
+            api.write_sample(sample, tokens.modality, target, force=force)
+            logger.info("wrote %s", target)
+
+    _run_each(inputs, decode_one, outputs)
+
+
+# generate ------------------------------------------------------------------------------
+
+
+def _numbered(path: Path, index: int, count: int) -> Path:
+    if count == 1:
+        return path
+    return path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+
+
+@cli.command()
+@click.option("--modality", required=True, help="Modality to generate (image, audio, text, ...).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file; with -n N, numbered NAME-1.EXT ...")
+@click.option("-n", "count", type=click.IntRange(1, 1024), default=1, show_default=True, help="Number of samples.")
+@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True, help="Sampling steps.")
+@click.option("--sampler", type=click.Choice(["confidence", "ancestral"]), default="confidence", show_default=True,
+              help="Confidence-ordered unmasking (MaskGIT) or ancestral sampling of the reverse process.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="Softmax temperature.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: keep the smallest set of ids with this total probability.")
+@click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
+@click.option("--guidance", type=float, default=0.0, show_default=True,
+              help="Classifier-free guidance weight; 0 turns it off.")
+@click.option("--model", default="mmtok/generator", show_default=True, help="Generator name or path.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@seed_option
+@device_option
+@handle_errors
+def generate(modality, output, count, steps, sampler, temperature, top_p, prompt, guidance, model, force, seed, device):
+    """Generate new samples of a modality with the masked-diffusion generator."""
+    from mmtok import api
+    from mmtok.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().modality(modality)
+    output = output or Path(f"generated-{modality}{entry.default_suffix}")
+    targets = [_numbered(output, index, count) for index in range(count)]
+    existing = [str(target) for target in targets if target.exists()]
+    if existing and not force:
+        raise MmtokError(f"{existing[0]}: file exists; pass --force to overwrite it")
+    samples = api.generate(
+        modality,
+        count,
+        model=model,
+        steps=steps,
+        sampler=sampler,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        prompt=prompt,
+        guidance=guidance,
+        device=api.resolve_device(device),
+        show_progress=True,
+    )
+    for sample, target in zip(samples, targets):
+        entry.save(sample, target, force=force)
+        click.echo(str(target), err=True)
+
+
+# plugins and info ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins with their versions, modalities and hooks."""
+    from mmtok.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    if as_json:
+        click.echo(json.dumps([plugin.to_dict() for plugin in manager.plugins], indent=2))
+        return
+    rows = [("NAME", "DISTRIBUTION", "VERSION", "MODALITIES", "HOOKS", "STATUS")]
+    for plugin in manager.plugins:
+        status = f"error: {plugin.error}" if plugin.error else "ok"
+        rows.append(
+            (plugin.name, plugin.distribution, plugin.version, ",".join(plugin.modalities) or "-",
+             ",".join(plugin.hooks) or "-", status)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
+
+
+def _folder_size(path: Path) -> int:
+    if not path.is_dir():
+        return 0
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file() and "checkpoint" not in file.parts)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@handle_errors
+def info(name: str, as_json: bool) -> None:
+    """Describe a model: class, modality, vocabulary, token rate, metrics and size."""
+    from mmtok.hub import load_model, resolve_name
+
+    model = load_model(name)
+    variables = model.card_variables()
+    details = {
+        "name": name,
+        "class": type(model).__name__,
+        "modality": variables.get("modality", getattr(model, "modality", "multimodal")),
+        "architecture": variables.get("architecture", type(model).__name__),
+        "vocab_size": variables.get("vocab_size", getattr(model, "vocab_size", None)),
+        "token_rate": variables.get("token_rate"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_hash": model.weights_hash(),
+        "size_on_disk_bytes": _folder_size(Path(resolve_name(name))),
+        "metrics": model.metrics,
+    }
+    if as_json:
+        click.echo(json.dumps(details, indent=2, default=str))
+        return
+    for key, value in details.items():
+        if key == "metrics":
+            click.echo("metrics:")
+            for metric, number in value.items():
+                click.echo(f"  {metric}: {number}")
+        elif value is not None:
+            click.echo(f"{key}: {value}")
+
+
+# train ---------------------------------------------------------------------------------
+
+
+def _parse_model_args(values: tuple[str, ...]) -> dict[str, Any]:
+    parsed = {}
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--model-arg")
+        try:
+            parsed[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[key] = text
+    return parsed
+
+
+def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="Data folder, as scripts/prepare_data.py lays it out."),
+        click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+                     help="Folder for checkpoints and the final model."),
+        click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+        click.option("--logdir", type=click.Path(path_type=Path), help="Write TensorBoard logs here."),
+        click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), help="Steps between checkpoints."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                     help="Model constructor argument (JSON value); repeatable."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _collect_training_options(**values: Any) -> dict[str, Any]:
+    import torch
+
+    threads = values.pop("threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    values["model_args"] = _parse_model_args(values.get("model_args") or ()) or None
+    return {key: value for key, value in values.items() if value is not None and value is not False}
+
+
+@cli.group()
+def train() -> None:
+    """Train tokenizers and generators (the bundled defaults were made with these)."""
+
+
+@train.command("tokenizer")
+@click.option("--modality", required=True, help="Modality whose tokenizer to train.")
+@training_options
+@handle_errors
+def train_tokenizer(modality: str, data_dir: Path, output_dir: Path, **values: Any) -> None:
+    """Train a tokenizer for one modality."""
+    from mmtok.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().modality(modality)
+    options = _collect_training_options(**values)
+    tokenizer = entry.train_tokenizer(data_dir, output_dir, **options)
+    click.echo(f"saved {type(tokenizer).__name__} to {output_dir}: {json.dumps(tokenizer.metrics)}", err=True)
+
+
+@train.command("generator")
+@click.option("--modalities", default="image,audio,text", show_default=True,
+              help="Comma-separated modalities of the vocabulary; each has DATA/<modality>/{train,val}.jsonl.")
+@click.option("--tokenizer", "tokenizers", multiple=True, metavar="MODALITY=NAME",
+              help="Tokenizer per modality (default: each modality's default); repeatable.")
+@training_options
+@handle_errors
+def train_generator_command(modalities: str, tokenizers: tuple[str, ...], data_dir: Path, output_dir: Path,
+                            **values: Any) -> None:
+    """Train the masked-diffusion generator on tokenized data."""
+    from mmtok.train.generator_data import train_generator_from_folder
+
+    chosen = {}
+    for value in tokenizers:
+        modality, separator, name = value.partition("=")
+        if not separator:
+            raise click.BadParameter(f"{value!r} is not MODALITY=NAME", param_hint="--tokenizer")
+        chosen[modality] = name
+    options = _collect_training_options(**values)
+    model = train_generator_from_folder(
+        data_dir, output_dir, [m.strip() for m in modalities.split(",") if m.strip()], chosen, **options
+    )
+    click.echo(f"saved generator to {output_dir}: {json.dumps(model.metrics)}", err=True)
+
+
+# push ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", help="Branch to push to (created when missing).")
+@click.option("--message", default="Upload with mmtok push", show_default=True, help="Commit message.")
+@handle_errors
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str) -> None:
+    """Upload a saved model or pipeline folder to the Hugging Face Hub."""
+    from mmtok.hub import push_folder
+
+    url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=message)
+    click.echo(url)
+
+
+def _add_plugin_commands() -> None:
+    from mmtok.plugins import get_plugin_manager
+
+    get_plugin_manager().hooks.hook.register_commands(cli=cli)
+
+
+def main() -> None:
+    """Entry point of the ``mmtok`` console script."""
+    _add_plugin_commands()
+    cli()
+
+
+if __name__ == "__main__":
+    main()

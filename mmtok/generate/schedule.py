@@ -1,0 +1,109 @@
+"""Noise schedules of masked (absorbing-state) diffusion in continuous time.
+
+``alpha(t)`` is the probability that a token is still unmasked at time ``t`` in [0, 1],
+with ``alpha(0) = 1`` (clean data) and ``alpha(1) = 0`` (every token masked). Following
+MDLM (Sahoo et al., 2024, "Simple and Effective Masked Diffusion Language Models") and
+Shi et al. (2024, "Simplified and Generalized Masked Diffusion for Discrete Data"), the
+negative ELBO is an integral over ``t`` of the cross-entropy on masked positions, weighted
+by ``-alpha'(t) / (1 - alpha(t))``.
+
+The confidence-ordered sampler does not follow ``alpha``. It unmasks on the cosine
+schedule of MaskGIT (Chang et al., 2022), implemented by :func:`cosine_masked_counts`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Schedule:
+    """Base class of noise schedules. Subclasses implement :meth:`alpha` and :meth:`weight`."""
+
+    name: str = ""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Return the probability that a token is unmasked at time ``t``."""
+        raise NotImplementedError
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Return the ELBO weight ``-alpha'(t) / (1 - alpha(t))`` for ``t`` in (0, 1]."""
+        raise NotImplementedError
+
+    def unmask_probability(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Return the probability that a masked token at time ``t`` is unmasked at ``s < t``.
+
+        This is ``(alpha(s) - alpha(t)) / (1 - alpha(t))``, the reverse step of the
+        absorbing process. It equals 1 when ``s = 0``.
+        """
+        alpha_t = self.alpha(t)
+        return ((self.alpha(s) - alpha_t) / (1 - alpha_t)).clamp(0.0, 1.0)
+
+
+class LogLinearSchedule(Schedule):
+    """``alpha(t) = 1 - t``, so the ELBO weight is ``1 / t``.
+
+    MDLM calls it log-linear because the total noise ``sigma(t) = -log(1 - t)`` is the
+    log of a linear function. The expected fraction of masked tokens equals ``t``.
+    """
+
+    name = "loglinear"
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - t
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 / t
+
+
+class CosineSchedule(Schedule):
+    """``alpha(t) = cos(pi t / 2)``: fewer tokens are masked at small ``t`` than log-linear."""
+
+    name = "cosine"
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(0.5 * math.pi * t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        # 1 - cos(x) is written as 2 sin(x/2)^2, which keeps its precision for small t.
+        half_angle = 0.25 * math.pi * t
+        return 0.5 * math.pi * torch.sin(2 * half_angle) / (2 * torch.sin(half_angle) ** 2)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    LogLinearSchedule.name: LogLinearSchedule,
+    CosineSchedule.name: CosineSchedule,
+}
+
+
+def get_schedule(name: str) -> Schedule:
+    """Return the schedule called ``name``; raise ``ValueError`` listing the choices."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]()
+
+
+def cosine_masked_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Return how many positions stay masked after each step of a confidence sampler.
+
+    MaskGIT keeps ``floor(n cos(pi/2 * k / steps))`` of ``n`` positions masked after step
+    ``k``. Each step here also unmasks at least one position while any remain, so no model
+    call is spent without progress.
+
+    Args:
+        masked: ``(B,)`` number of masked positions per row at the start.
+        steps: number of sampling steps.
+
+    Returns:
+        ``(steps, B)`` int64 counts, non-increasing along the steps and 0 at the last step.
+    """
+    counts = []
+    remaining = masked.clone()
+    for step in range(1, steps + 1):
+        target = torch.floor(masked * math.cos(0.5 * math.pi * step / steps)).long()
+        if step == steps:
+            target = torch.zeros_like(target)
+        remaining = torch.minimum(target, (remaining - 1).clamp(min=0))
+        counts.append(remaining)
+    return torch.stack(counts)

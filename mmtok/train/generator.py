@@ -1,0 +1,254 @@
+"""Training and evaluation of the masked-diffusion generator.
+
+Training minimises the continuous-time ELBO of :meth:`mmtok.generate.Generator.loss` with
+AdamW and a linear-warmup, cosine-decay learning rate. Each batch holds examples of one
+segment order. The batch contents and the diffusion noise of a step are functions of
+``(seed, step)``, so a resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mmtok.errors import MmtokError
+from mmtok.generate.model import T_MIN, Generator
+from mmtok.generate.sequence import Batch, Example, build_batch, group_by_layout
+from mmtok.tokens import TokenSpace
+from mmtok.train.loop import TrainingRun, seed_everything
+
+logger = logging.getLogger(__name__)
+
+# Diffusion times per example when measuring bits per token. More samples lower the
+# variance of the estimate, not its expectation.
+FINAL_T_SAMPLES = 16
+CHECKPOINT_T_SAMPLES = 4
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Map ``"auto"`` to CUDA when available, else CPU; pass other names through."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup_steps: int, minimum_ratio: float = 0.1) -> float:
+    """Return the learning rate at ``step``: linear warmup, then cosine decay to ``minimum_ratio * peak``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (minimum_ratio + (1 - minimum_ratio) * cosine)
+
+
+class LayoutBatches:
+    """The training examples of each segment order, stacked once into unified ids.
+
+    ``draw(step)`` picks a segment order with probability proportional to its number of
+    examples, then ``batch_size`` distinct examples of it, from a generator seeded with
+    ``(seed, step)``.
+    """
+
+    def __init__(
+        self, model: Generator, examples: Sequence[Example], batch_size: int, seed: int
+    ) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches: list[Batch] = []
+        for indices in group_by_layout(examples).values():
+            self.batches.append(
+                build_batch(model.token_space, model.sequence_lengths, [examples[i] for i in indices], model.variable_length)
+            )
+        self.sizes = torch.tensor([len(batch) for batch in self.batches], dtype=torch.float64)
+
+    @property
+    def layouts(self) -> list[list[str]]:
+        return [list(batch.layout.modalities) for batch in self.batches]
+
+    def draw(self, step: int) -> Batch:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        group = self.batches[int(torch.multinomial(self.sizes, 1, generator=generator))]
+        rows = torch.randperm(len(group), generator=generator)[: self.batch_size]
+        return Batch(
+            ids=group.ids[rows],
+            modality_index=group.modality_index,
+            position_kind=group.position_kind,
+            maskable=group.maskable,
+            condition=group.condition,
+            layout=group.layout,
+        )
+
+
+def train_generator(
+    examples: list[list[tuple[str, torch.Tensor]]],
+    token_space: TokenSpace,
+    sequence_lengths: dict[str, int],
+    output_dir: Path,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-4,
+    seed: int = 0,
+    logdir: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 500,
+    model_args: dict[str, Any] | None = None,
+    validation_examples: list[list[tuple[str, torch.Tensor]]] | None = None,
+    device: str | torch.device = "auto",
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+) -> Generator:
+    """Train a generator on token examples and save it to ``output_dir``.
+
+    Args:
+        examples: training examples, each a list of ``(modality, local_ids)`` segments
+            with the condition first and the target last.
+        token_space: the unified vocabulary.
+        sequence_lengths: content tokens per segment of each modality.
+        output_dir: folder of the checkpoint and the final model.
+        steps: optimizer steps.
+        batch_size: examples per step.
+        lr: peak learning rate of AdamW.
+        seed: seeds model initialisation, batch order and diffusion noise.
+        logdir: TensorBoard folder, or None.
+        resume: continue from ``output_dir/checkpoint`` when it exists.
+        checkpoint_every: steps between checkpoints.
+        model_args: keyword arguments of :class:`Generator` besides the token space,
+            sequence lengths and layouts.
+        validation_examples: held-out examples. Their bits per token are logged at each
+            checkpoint and stored in ``model.metrics`` at the end.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or any torch device name.
+        warmup_steps: steps of linear learning-rate warmup; None means 5% of ``steps``.
+        weight_decay: AdamW weight decay of matrices; norms, biases and embeddings get none.
+        max_grad_norm: gradient-norm clipping threshold.
+
+    Returns:
+        The trained model in eval mode.
+    """
+    if not examples:
+        raise MmtokError("no training examples")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    device = resolve_device(device)
+    seed_everything(seed)
+    model = _make_model(token_space, sequence_lengths, examples, model_args or {}).to(device)
+    data = LayoutBatches(model, examples, batch_size, seed)
+    logger.info(
+        "training a %.2fM-parameter generator on %d examples in %d segment orders",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        len(examples),
+        len(data.batches),
+    )
+
+    optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98))
+    warmup_steps = max(1, steps // 20) if warmup_steps is None else warmup_steps
+    run = TrainingRun(output_dir, model, optimizer, steps, checkpoint_every, logdir, resume)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step(step: int) -> dict[str, float]:
+        rate = learning_rate(step, steps, lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        noise = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        with autocast:
+            result = model.loss(data.draw(step).to(device), generator=noise)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        values = {"loss": float(result.loss.detach()), "bits_per_token": result.bits_per_token, "lr": rate}
+        values["gradient_norm"] = float(gradient_norm)
+        for modality, bits in result.modality_bits_per_token.items():
+            values[f"bits_per_token/{modality}"] = bits
+        return values
+
+    def on_checkpoint() -> None:
+        if validation_examples:
+            metrics = evaluate_bits_per_token(model, validation_examples, t_samples=CHECKPOINT_T_SAMPLES, seed=seed)
+            run.log_scalars({f"validation/{name}": value for name, value in metrics.items()})
+
+    run.run(train_step, on_checkpoint)
+
+    model.metrics.update(
+        {"train_steps": steps, "train_examples": len(examples), "train_batch_size": batch_size, "learning_rate": lr}
+    )
+    if validation_examples:
+        model.metrics.update(evaluate_bits_per_token(model, validation_examples, t_samples=FINAL_T_SAMPLES, seed=seed))
+        model.metrics["validation_examples"] = len(validation_examples)
+    model.save_pretrained(output_dir)
+    logger.info("saved the generator to %s", output_dir)
+    return model
+
+
+def _make_model(
+    token_space: TokenSpace, sequence_lengths: dict[str, int], examples: Sequence[Example], model_args: dict[str, Any]
+) -> Generator:
+    reserved = {"token_space", "sequence_lengths", "layouts"} & set(model_args)
+    if reserved:
+        raise ValueError(f"model_args may not set {sorted(reserved)}; train_generator sets them from the data")
+    layouts = [list(layout) for layout in group_by_layout(examples)]
+    try:
+        return Generator(
+            token_space=token_space.to_config(), sequence_lengths=dict(sequence_lengths), layouts=layouts, **model_args
+        )
+    except TypeError as error:
+        raise ValueError(f"invalid model_args {sorted(model_args)}: {error}") from error
+
+
+def _parameter_groups(model: Generator, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay only matrices of linear layers, as in GPT-2 training; embeddings and norms keep their scale.
+    embeddings = {id(model.token_embedding.weight), id(model.modality_embedding.weight)}
+    decayed = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    kept = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate_bits_per_token(
+    model: Generator,
+    examples: Sequence[Example],
+    *,
+    t_samples: int = FINAL_T_SAMPLES,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Measure the negative ELBO of held-out examples in bits per target token.
+
+    Each example is evaluated at ``t_samples`` diffusion times, one in each of
+    ``t_samples`` equal strata of [T_MIN, 1], and the results are averaged. Bits per token
+    are summed over examples and divided by the number of counted positions.
+
+    Returns:
+        ``bits_per_token/<target>`` for one-segment examples. For conditioned examples,
+        ``bits_per_token/<target>_given_<condition>`` with the condition unmasked and
+        ``bits_per_token/<target>_given_<condition>_condition_dropped`` with it masked,
+        where ``<condition>`` joins the condition modalities with ``_and_``.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    bits: dict[str, float] = defaultdict(float)
+    tokens: dict[str, int] = defaultdict(int)
+    for layout, indices in group_by_layout(examples).items():
+        target = layout[-1]
+        if len(layout) == 1:
+            modes = {f"bits_per_token/{target}": "given"}
+        else:
+            name = f"bits_per_token/{target}_given_{'_and_'.join(layout[:-1])}"
+            modes = {name: "given", f"{name}_condition_dropped": "dropped"}
+        for start in range(0, len(indices), batch_size):
+            batch = model.make_batch([examples[i] for i in indices[start : start + batch_size]])
+            for name, mode in modes.items():
+                for k in range(t_samples):
+                    offset = torch.rand(len(batch), device=model.device, generator=generator)
+                    t = T_MIN + (1 - T_MIN) * (k + offset) / t_samples
+                    result = model.loss(batch, t=t, condition=mode, generator=generator)
+                    bits[name] += result.elbo_bits.get(target, 0.0) / t_samples
+                    tokens[name] += result.tokens.get(target, 0) / t_samples
+    model.train(was_training)
+    return {name: bits[name] / tokens[name] for name in bits if tokens[name]}

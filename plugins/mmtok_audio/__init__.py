@@ -1,0 +1,16 @@
+"""The first-party audio plugin: sound files and a neural-codec tokenizer at 2 kbit/s.
+
+Registered through the ``mmtok`` entry-point group like any third-party plugin.
+"""
+
+import mmtok
+
+from mmtok_audio.modality import AudioModality
+from mmtok_audio.tokenizer import AudioTokenizer
+
+__all__ = ["AudioModality", "AudioTokenizer", "register_modalities"]
+
+
+@mmtok.hookimpl
+def register_modalities(register):
+    register(AudioModality())

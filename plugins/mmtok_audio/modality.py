@@ -1,0 +1,95 @@
+"""The audio modality: read and write sound files with soundfile (libsndfile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from mmtok.errors import MmtokError
+from mmtok.modality import Modality, Sample
+
+# libsndfile reads MP3 from version 1.1.0 on; older builds lack the format.
+_MP3_AVAILABLE = "MP3" in soundfile.available_formats()
+
+# Format and subtype that `write` uses for each suffix. Lossless files are 16-bit PCM,
+# which is what most players and datasets expect.
+_WRITE_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+}
+if _MP3_AVAILABLE:
+    _WRITE_FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
+
+
+class AudioModality(Modality):
+    """Sound files as ``(channels, samples)`` float32 tensors in [-1, 1].
+
+    Metadata: ``sample_rate`` (Hz), ``channels``, ``samples`` (per channel) and
+    ``subtype`` (the libsndfile encoding of the file read, such as ``PCM_16``).
+    """
+
+    name = "audio"
+    suffixes = tuple(_WRITE_FORMATS)
+    default_suffix = ".wav"
+    default_tokenizer = "mmtok/audio-tokenizer"
+
+    def read(self, path: Path) -> Sample:
+        path = Path(path)
+        if not path.is_file():
+            raise MmtokError(f"{path}: file not found")
+        if path.stat().st_size == 0:
+            raise MmtokError(f"{path}: file is empty")
+        try:
+            with soundfile.SoundFile(str(path)) as handle:
+                sample_rate = int(handle.samplerate)
+                subtype = str(handle.subtype)
+                frames = handle.read(dtype="float32", always_2d=True)  # (samples, channels)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+            raise MmtokError(f"{path}: not a readable audio file ({error})") from error
+        if frames.shape[0] == 0:
+            raise MmtokError(f"{path}: audio file contains no samples")
+        if not np.isfinite(frames).all():
+            raise MmtokError(f"{path}: audio contains NaN or infinite sample values")
+        data = torch.from_numpy(np.ascontiguousarray(frames.T))  # (channels, samples)
+        metadata = {
+            "sample_rate": sample_rate,
+            "channels": int(data.shape[0]),
+            "samples": int(data.shape[1]),
+            "subtype": subtype,
+        }
+        return Sample(data, metadata)
+
+    def write(self, sample: Sample, path: Path) -> None:
+        """Write 16-bit PCM for .wav and .flac, Vorbis for .ogg and MP3 for .mp3, clipped to [-1, 1]."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in _WRITE_FORMATS:
+            raise MmtokError(f"{path}: cannot write audio as {suffix or '(no suffix)'!r}; use one of {' '.join(_WRITE_FORMATS)}")
+        data = sample.data
+        if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.shape[1] == 0:
+            shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+            raise MmtokError(f"{path}: audio to write must be a non-empty (channels, samples) tensor, got {shape}")
+        sample_rate = sample.metadata.get("sample_rate")
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise MmtokError(f"{path}: audio metadata needs a positive integer sample_rate, got {sample_rate!r}")
+        frames = data.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).t().numpy()  # (samples, channels)
+        file_format, subtype = _WRITE_FORMATS[suffix]
+        try:
+            soundfile.write(str(path), frames, sample_rate, subtype=subtype, format=file_format)
+        except (soundfile.LibsndfileError, RuntimeError, ValueError) as error:
+            raise MmtokError(f"{path}: writing {file_format} ({subtype}) at {sample_rate} Hz failed: {error}") from error
+
+    def tokenizer_class(self) -> type:
+        from mmtok_audio.tokenizer import AudioTokenizer
+
+        return AudioTokenizer
+
+    def bundled_models(self) -> dict[str, Path]:
+        folder = Path(__file__).parent / "pretrained" / "audio-tokenizer"
+        if (folder / "model.safetensors").is_file():
+            return {self.default_tokenizer: folder}
+        return {}

@@ -1,0 +1,325 @@
+"""The audio tokenizer: a SEANet encoder/decoder around a residual vector quantizer.
+
+The codec follows SoundStream (Zeghidour et al., 2021) and EnCodec (Défossez et al., 2022):
+mono audio at 16 kHz is encoded to 50 latent frames per second (hop 320 samples), and
+each frame is quantized by a stack of codebooks, each coding the residual the previous
+ones left. With 4 levels of 1024 codes that is 50 x 4 x 10 = 2000 bits per second.
+
+Shape letters: B batch, T samples, F frames, L quantizer levels, D latent dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import soxr
+import torch
+
+from mmtok.errors import MmtokError
+from mmtok.modality import Sample
+from mmtok.quantize import QuantizerOutput, ResidualVectorQuantizer
+from mmtok.tokenizer import Tokenizer
+from mmtok.tokens import Tokens
+
+from mmtok_audio.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, receptive_field_frames
+
+
+@dataclass
+class AudioTokenizerOutput:
+    """Result of :meth:`AudioTokenizer.forward`.
+
+    Attributes:
+        reconstruction: decoded waveform ``(B, 1, T)``, the same length as the input.
+        quantizer: the quantizer's output; ``quantizer.codes`` is ``(B, F, L)``.
+    """
+
+    reconstruction: torch.Tensor
+    quantizer: QuantizerOutput
+
+
+class AudioTokenizer(Tokenizer):
+    """Neural audio codec that turns waveforms into ``(levels, frames)`` codes and back.
+
+    Args:
+        sample_rate: rate in Hz the model runs at; inputs are resampled to it.
+        channels: encoder channel count before each downsampling block and after the last;
+            one entry more than ``strides``. The decoder mirrors them.
+        strides: downsampling factor per encoder block. Their product is the hop, in
+            samples per token frame: 320 gives 50 frames/s at 16 kHz.
+        dilations: dilations of the residual units in each block (kernel 3).
+        bottleneck_dilations: dilations of the residual units at the frame rate, which
+            widen the context of each frame in place of EnCodec's LSTM.
+        latent_dim: dimension of each latent frame, the vectors the quantizer codes.
+        codebook_size: codes per quantizer level.
+        levels: number of residual quantizer levels; encoding may use fewer.
+        weight_norm: wrap every convolution in weight normalisation.
+        quantizer_decay: EMA decay of the codebook statistics.
+        commitment_weight: weight beta of the commitment loss ``||z - sg(e)||^2``.
+        restart_threshold: a code whose EMA count (codes per training batch) falls below
+            this is replaced by a recent encoder output. The default suits batches of
+            about 400 frames (8 one-second clips) against 1024 codes, where a code used
+            at the uniform rate has an EMA count of about 0.4.
+    """
+
+    modality = "audio"
+    card_template = "tokenizer"
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        channels: Sequence[int] = (16, 32, 48, 96, 128),
+        strides: Sequence[int] = (4, 4, 4, 5),
+        dilations: Sequence[int] = (1,),
+        bottleneck_dilations: Sequence[int] = (1, 3, 9),
+        latent_dim: int = 64,
+        codebook_size: int = 1024,
+        levels: int = 4,
+        weight_norm: bool = False,
+        quantizer_decay: float = 0.99,
+        commitment_weight: float = 0.25,
+        restart_threshold: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        if levels < 1 or codebook_size < 2:
+            raise ValueError(f"need levels >= 1 and codebook_size >= 2, got {levels} and {codebook_size}")
+        self.sample_rate = int(sample_rate)
+        self.seanet = SEANetConfig(
+            channels=tuple(channels),
+            strides=tuple(strides),
+            dilations=tuple(dilations),
+            bottleneck_dilations=tuple(bottleneck_dilations),
+            latent_dim=latent_dim,
+            weight_norm=weight_norm,
+        )
+        self.hop_length = self.seanet.hop_length
+        self.codebook_size = codebook_size
+        self.levels = levels
+        self.encoder = SEANetEncoder(self.seanet)
+        self.decoder = SEANetDecoder(self.seanet)
+        self.quantizer = ResidualVectorQuantizer(
+            latent_dim,
+            codebook_size,
+            levels,
+            decay=quantizer_decay,
+            beta=commitment_weight,
+            restart_threshold=restart_threshold,
+        )
+        # Quantizer levels used by encode_batch when no `levels` argument is given;
+        # None uses all of them. Not saved: it is a per-use choice of bitrate.
+        self.encode_levels: int | None = None
+        # Frames per forward pass when encoding or decoding long inputs, so memory stays
+        # flat with the length. Each chunk also reads `context_frames` on both sides.
+        self.chunk_frames = 1500
+        self.context_frames = receptive_field_frames(self.seanet)
+
+    @property
+    def frame_rate(self) -> float:
+        """Token frames per second."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels * self.codebook_size
+
+    # Tensors ------------------------------------------------------------------------
+
+    def forward(self, wave: torch.Tensor, levels: int | None = None) -> AudioTokenizerOutput:
+        """Encode, quantize and decode a training batch.
+
+        Args:
+            wave: ``(B, 1, T)`` at ``sample_rate`` with ``T`` divisible by ``hop_length``.
+            levels: quantizer levels to use; all when None.
+        """
+        self._check_wave(wave)
+        latents = self.encoder(wave)  # (B, D, F)
+        quantized = self.quantizer(latents.transpose(1, 2), levels)  # quantized: (B, F, D)
+        reconstruction = self.decoder(quantized.quantized.transpose(1, 2))  # (B, 1, T)
+        return AudioTokenizerOutput(reconstruction, quantized)
+
+    @torch.no_grad()
+    def encode_tensor(self, wave: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Encode ``(B, 1, T)`` at ``sample_rate``, ``T`` divisible by the hop, to ``(B, L, F)`` codes."""
+        self._check_wave(wave)
+        frames = wave.shape[-1] // self.hop_length
+        chunks = []
+        for start, stop, lo, hi in self._chunks(frames):
+            latents = self.encoder(wave[..., lo * self.hop_length : hi * self.hop_length])  # (B, D, hi - lo)
+            latents = latents[..., start - lo : stop - lo]
+            chunks.append(self.quantizer(latents.transpose(1, 2), levels).codes)  # (B, stop - start, L)
+        return torch.cat(chunks, dim=1).transpose(1, 2)  # (B, L, F)
+
+    @torch.no_grad()
+    def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decode ``(B, L, F)`` codes, ``L <= levels``, to ``(B, 1, F * hop_length)``."""
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.levels:
+            raise ValueError(f"codes must be (batch, levels <= {self.levels}, frames), got {tuple(codes.shape)}")
+        latents = self.quantizer.lookup(codes.transpose(1, 2)).transpose(1, 2)  # (B, D, F)
+        chunks = []
+        for start, stop, lo, hi in self._chunks(codes.shape[-1]):
+            wave = self.decoder(latents[..., lo:hi])  # (B, 1, (hi - lo) * hop)
+            chunks.append(wave[..., (start - lo) * self.hop_length : (stop - lo) * self.hop_length])
+        return torch.cat(chunks, dim=-1)
+
+    def _chunks(self, frames: int) -> list[tuple[int, int, int, int]]:
+        """Split ``frames`` into ``(start, stop, lo, hi)``: the kept range and the range read."""
+        if frames == 0:
+            return []
+        spans = []
+        for start in range(0, frames, self.chunk_frames):
+            stop = min(start + self.chunk_frames, frames)
+            lo = max(start - self.context_frames, 0)
+            hi = min(stop + self.context_frames, frames)
+            spans.append((start, stop, lo, hi))
+        return spans
+
+    def _check_wave(self, wave: torch.Tensor) -> None:
+        if wave.dim() != 3 or wave.shape[1] != 1 or wave.shape[-1] % self.hop_length:
+            raise ValueError(
+                f"wave must be (batch, 1, samples) with samples divisible by {self.hop_length}, "
+                f"got {tuple(wave.shape)}"
+            )
+
+    # Samples ------------------------------------------------------------------------
+
+    def encode_batch(self, samples: list[Sample], levels: int | None = None) -> list[Tokens]:
+        """Encode samples of any rate and channel count to ``(L, F)`` codes each.
+
+        Each sample is downmixed to mono, resampled to ``sample_rate``, zero-padded to a
+        whole number of frames and encoded on its own, so batching cannot change a result.
+        ``levels`` defaults to ``encode_levels``, then to all levels.
+        """
+        levels = levels if levels is not None else self.encode_levels
+        levels = levels if levels is not None else self.levels
+        if not 1 <= levels <= self.levels:
+            raise MmtokError(f"levels must be between 1 and {self.levels}, got {levels}")
+        device = next(self.parameters()).device
+        results = []
+        for sample in samples:
+            data, sample_rate = _check_sample(sample)
+            wave = self._to_model_rate(data.mean(dim=0), sample_rate)  # (T,)
+            frames = max(math.ceil(wave.shape[0] / self.hop_length), 1)
+            wave = torch.nn.functional.pad(wave, (0, frames * self.hop_length - wave.shape[0]))
+            codes = self.encode_tensor(wave.view(1, 1, -1).to(device), levels)[0]  # (L, F)
+            metadata = {
+                "sample_rate": sample_rate,
+                "samples": int(data.shape[1]),
+                "channels": int(data.shape[0]),
+                "model_sample_rate": self.sample_rate,
+                "levels": levels,
+            }
+            results.append(self.make_tokens(codes, metadata))
+        return results
+
+    def decode(self, tokens: Tokens) -> Sample:
+        """Decode tokens to ``(channels, samples)`` at the original rate, length and channel count.
+
+        The decoded mono signal is repeated to every original channel.
+        """
+        self.check_tokens(tokens, high=self.codebook_size)
+        codes = tokens.codes
+        if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
+            raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
+        sample_rate, samples, channels = _decode_metadata(tokens.metadata)
+        device = next(self.parameters()).device
+        wave = self.decode_tensor(codes.unsqueeze(0).to(device))[0, 0].float().cpu()  # (F * hop,)
+        if sample_rate != self.sample_rate:
+            wave = torch.from_numpy(soxr.resample(wave.numpy(), self.sample_rate, sample_rate, quality="HQ").copy())
+        wave = wave[:samples]
+        wave = torch.nn.functional.pad(wave, (0, samples - wave.shape[0]))
+        data = wave.clamp(-1.0, 1.0).unsqueeze(0).repeat(channels, 1)  # (channels, samples)
+        return Sample(data, {"sample_rate": sample_rate, "samples": samples, "channels": channels})
+
+    def _to_model_rate(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        if sample_rate == self.sample_rate:
+            return wave
+        resampled = soxr.resample(wave.numpy(), sample_rate, self.sample_rate, quality="HQ")
+        return torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))
+
+    # Sequences for the generator ----------------------------------------------------
+
+    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+        """Flatten ``(L, F)`` codes frame by frame; level ``l`` code ``c`` becomes ``l * K + c``."""
+        if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
+            raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
+        offsets = torch.arange(codes.shape[0], device=codes.device).unsqueeze(1) * self.codebook_size  # (L, 1)
+        return (codes + offsets).t().reshape(-1)  # (F * L,)
+
+    def from_sequence(self, ids: torch.Tensor) -> torch.Tensor:
+        """Invert :meth:`to_sequence` for ``encode_levels`` (or all) levels; returns ``(L, F)``.
+
+        An id whose level does not match its position, which a generator can emit, is read
+        as the code ``id % codebook_size`` of the position's level.
+        """
+        levels = self.encode_levels or self.levels
+        if ids.dim() != 1 or ids.shape[0] % levels:
+            raise MmtokError(
+                f"an audio sequence must be 1-D with a length divisible by {levels} levels, got shape {tuple(ids.shape)}"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise MmtokError(f"audio sequence ids must lie in [0, {self.vocab_size})")
+        return (ids % self.codebook_size).view(-1, levels).t().contiguous()  # (L, F)
+
+    def generation_metadata(self, sequence_length: int) -> dict[str, Any]:
+        levels = self.encode_levels or self.levels
+        frames = sequence_length // levels
+        return {
+            "sample_rate": self.sample_rate,
+            "samples": frames * self.hop_length,
+            "channels": 1,
+            "model_sample_rate": self.sample_rate,
+            "levels": levels,
+        }
+
+    # Model card ---------------------------------------------------------------------
+
+    def card_variables(self) -> dict[str, Any]:
+        bits = self.frame_rate * self.levels * math.log2(self.codebook_size)
+        architecture = (
+            f"SEANet-style convolutional encoder/decoder (channels {list(self.seanet.channels)}, "
+            f"strides {list(self.seanet.strides)}, latent dimension {self.seanet.latent_dim}) with a "
+            f"{self.levels}-level residual vector quantizer of {self.codebook_size} codes per level, "
+            f"at {self.sample_rate} Hz mono"
+        )
+        return {
+            "modality": self.modality,
+            "architecture": architecture,
+            "vocab_size": self.vocab_size,
+            "token_rate": f"{self.frame_rate:g} frames/s x {self.levels} levels = {bits:g} bits/s",
+            "example_suffix": ".wav",
+        }
+
+    def card_tags(self) -> list[str]:
+        return ["audio", "audio-tokenizer", "neural-codec"]
+
+
+def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:
+    """Return the sample's ``(channels, samples)`` float32 data and its sample rate."""
+    data = sample.data
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise MmtokError(f"audio samples must be (channels, samples) tensors, got {shape}")
+    if data.shape[0] < 1 or data.shape[1] < 1:
+        raise MmtokError(f"audio sample is empty: shape {tuple(data.shape)}")
+    sample_rate = sample.metadata.get("sample_rate")
+    if not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise MmtokError(f"audio sample metadata needs a positive integer sample_rate, got {sample_rate!r}")
+    data = data.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(data).all()):
+        raise MmtokError("audio sample contains NaN or infinite values")
+    return data, sample_rate
+
+
+def _decode_metadata(metadata: dict[str, Any]) -> tuple[int, int, int]:
+    """Return ``(sample_rate, samples, channels)`` from token metadata, validated."""
+    values = []
+    for key, minimum in (("sample_rate", 1), ("samples", 0), ("channels", 1)):
+        value = metadata.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise MmtokError(f"audio token metadata needs an integer {key} >= {minimum}, got {value!r}")
+        values.append(value)
+    return values[0], values[1], values[2]

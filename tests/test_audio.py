@@ -1,0 +1,483 @@
+"""Tests of the audio plugin: file reading and writing, the codec tokenizer and its training."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import mmtok
+from mmtok.errors import MmtokError
+from mmtok.modality import Sample
+from mmtok.tokens import Tokens
+from mmtok_audio import AudioModality, AudioTokenizer
+from mmtok_audio.train import evaluate_tokenizer, load_clips, train_audio_tokenizer
+
+# Small enough to run in milliseconds, with the real hop of 320 samples at 16 kHz.
+TINY = {
+    "channels": [4, 8, 8, 16, 16],
+    "strides": [4, 4, 4, 5],
+    "dilations": [1],
+    "bottleneck_dilations": [1, 3],
+    "latent_dim": 8,
+    "codebook_size": 32,
+    "levels": 3,
+}
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Seven silver swans swam silently seaward.",
+    "Please remember to close the windows before it rains.",
+    "Numbers like forty two appear in many books.",
+]
+
+
+def make_tokenizer(seed: int = 0) -> AudioTokenizer:
+    torch.manual_seed(seed)
+    return AudioTokenizer(**TINY).eval()
+
+
+def tone(sample_rate: int, samples: int, channels: int, amplitude: float = 0.5) -> np.ndarray:
+    """Return ``(samples, channels)`` float32 harmonic tones, a different pitch per channel."""
+    time = np.arange(samples) / sample_rate
+    columns = [
+        amplitude * (0.7 * np.sin(2 * np.pi * 220 * (c + 1) * time) + 0.3 * np.sin(2 * np.pi * 550 * (c + 1) * time))
+        for c in range(channels)
+    ]
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def write_speech(folder: Path, sentences: list[str]) -> list[Path]:
+    """Write one espeak-ng WAV per sentence, or harmonic tones where espeak-ng is missing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, sentence in enumerate(sentences):
+        path = folder / f"{index:03d}.wav"
+        if shutil.which("espeak-ng"):
+            subprocess.run(["espeak-ng", "-s", str(150 + 10 * index), "-w", str(path), sentence], check=True)
+        else:
+            soundfile.write(path, tone(16000, 16000 * 2 + 997 * index, 1), 16000, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def speech_dir(tmp_path_factory) -> Path:
+    """A data folder in the layout of scripts/prepare_data.py: audio/train and audio/val."""
+    root = tmp_path_factory.mktemp("audio-data")
+    write_speech(root / "audio" / "train", SENTENCES[:3])
+    write_speech(root / "audio" / "val", SENTENCES[3:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> AudioTokenizer:
+    return make_tokenizer()
+
+
+def encode_array(tokenizer: AudioTokenizer, data: np.ndarray, sample_rate: int) -> Tokens:
+    return tokenizer.encode(Sample(torch.from_numpy(data.T.copy()), {"sample_rate": sample_rate}))
+
+
+# Plugin registration ------------------------------------------------------------------
+
+
+def test_plugin_registers_audio_modality():
+    modality = mmtok.get_plugin_manager().modality("audio")
+    assert isinstance(modality, AudioModality)
+    assert modality.default_suffix == ".wav"
+    assert {".wav", ".flac", ".ogg"} <= set(modality.suffixes)
+    assert (".mp3" in modality.suffixes) == ("MP3" in soundfile.available_formats())
+    assert modality.tokenizer_class() is AudioTokenizer
+
+
+# Reading and writing ------------------------------------------------------------------
+
+READ_CASES = [
+    # (suffix, libsndfile subtype, sample rate, channels, tolerance)
+    (".wav", "PCM_16", 16000, 1, 1e-4),
+    (".wav", "PCM_24", 44100, 2, 1e-6),
+    (".wav", "FLOAT", 48000, 3, 0.0),
+    (".wav", "PCM_16", 8000, 1, 1e-4),
+    (".flac", "PCM_16", 96000, 2, 1e-4),
+    (".flac", "PCM_24", 22050, 1, 1e-6),
+    (".ogg", "VORBIS", 32000, 2, None),
+]
+
+
+@pytest.mark.parametrize("suffix,subtype,sample_rate,channels,tolerance", READ_CASES)
+def test_read_formats(tmp_path, suffix, subtype, sample_rate, channels, tolerance):
+    source = tone(sample_rate, 4321, channels)
+    path = tmp_path / f"input{suffix}"
+    soundfile.write(path, source, sample_rate, subtype=subtype)
+
+    sample = AudioModality().read(path)
+
+    assert sample.data.dtype == torch.float32
+    assert tuple(sample.data.shape) == (channels, 4321)
+    assert sample.metadata == {"sample_rate": sample_rate, "channels": channels, "samples": 4321, "subtype": subtype}
+    if tolerance is not None:
+        assert np.abs(sample.data.numpy().T - source).max() <= tolerance
+    else:  # Vorbis is lossy: compare the signals by correlation.
+        correlation = np.corrcoef(sample.data.numpy().T.ravel(), source.ravel())[0, 1]
+        assert correlation > 0.9
+
+
+@pytest.mark.parametrize(
+    "suffix,subtype,tolerance",
+    [(".wav", "PCM_16", 1e-4), (".flac", "PCM_16", 1e-4), (".ogg", "VORBIS", None)],
+)
+def test_write_round_trip(tmp_path, suffix, subtype, tolerance):
+    modality = AudioModality()
+    data = torch.from_numpy(tone(24000, 5000, 2).T.copy())
+    path = tmp_path / f"output{suffix}"
+
+    modality.save(Sample(data, {"sample_rate": 24000}), path)
+    sample = modality.read(path)
+
+    assert sample.metadata["subtype"] == subtype
+    assert sample.metadata["sample_rate"] == 24000
+    assert tuple(sample.data.shape) == (2, 5000)
+    if tolerance is not None:
+        assert float((sample.data - data).abs().max()) <= tolerance
+    else:
+        assert float(torch.corrcoef(torch.stack([sample.data.flatten(), data.flatten()]))[0, 1]) > 0.9
+
+
+@pytest.mark.skipif("MP3" not in soundfile.available_formats(), reason="libsndfile built without MP3")
+def test_write_mp3_reads_back(tmp_path):
+    modality = AudioModality()
+    path = tmp_path / "output.mp3"
+
+    modality.save(Sample(torch.from_numpy(tone(44100, 44100, 2).T.copy()), {"sample_rate": 44100}), path)
+    sample = modality.read(path)
+
+    assert sample.metadata["sample_rate"] == 44100
+    assert sample.metadata["channels"] == 2
+
+
+def test_write_clips_to_unit_range(tmp_path):
+    modality = AudioModality()
+    data = torch.tensor([[0.0, 1.5, -3.0, 0.25]])
+    path = tmp_path / "loud.wav"
+
+    modality.save(Sample(data, {"sample_rate": 16000}), path)
+    sample = modality.read(path)
+
+    assert float(sample.data.max()) <= 1.0
+    assert float(sample.data.min()) >= -1.0
+    assert float(sample.data[0, 1]) > 0.99
+
+
+def test_write_unknown_suffix_raises(tmp_path):
+    with pytest.raises(MmtokError, match="use one of"):
+        AudioModality().write(Sample(torch.zeros(1, 10), {"sample_rate": 16000}), tmp_path / "out.xyz")
+
+
+def test_read_missing_file_raises(tmp_path):
+    path = tmp_path / "missing.wav"
+    with pytest.raises(MmtokError, match="missing.wav: file not found"):
+        AudioModality().read(path)
+
+
+def test_read_empty_file_raises(tmp_path):
+    path = tmp_path / "empty.wav"
+    path.write_bytes(b"")
+    with pytest.raises(MmtokError, match="empty.wav: file is empty"):
+        AudioModality().read(path)
+
+
+def test_read_zero_length_audio_raises(tmp_path):
+    path = tmp_path / "silent.wav"
+    soundfile.write(path, np.zeros((0, 1), dtype=np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(MmtokError, match="silent.wav: audio file contains no samples"):
+        AudioModality().read(path)
+
+
+def test_read_corrupt_file_raises(tmp_path):
+    path = tmp_path / "corrupt.wav"
+    path.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4)
+    with pytest.raises(MmtokError, match="corrupt.wav: not a readable audio file"):
+        AudioModality().read(path)
+
+
+def test_read_nan_samples_raises(tmp_path):
+    path = tmp_path / "nan.wav"
+    data = tone(16000, 1000, 1)
+    data[500, 0] = np.nan
+    soundfile.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(MmtokError, match="nan.wav: audio contains NaN or infinite"):
+        AudioModality().read(path)
+
+
+def test_read_infinite_samples_raises(tmp_path):
+    path = tmp_path / "inf.wav"
+    data = tone(16000, 1000, 2)
+    data[10, 1] = np.inf
+    soundfile.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(MmtokError, match="inf.wav: audio contains NaN or infinite"):
+        AudioModality().read(path)
+
+
+def test_read_espeak_speech(speech_dir):
+    path = sorted((speech_dir / "audio" / "train").glob("*.wav"))[0]
+    sample = AudioModality().read(path)
+    assert sample.metadata["channels"] == 1
+    assert sample.metadata["samples"] > sample.metadata["sample_rate"]  # over one second
+
+
+# Tokenizer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sample_rate,samples,channels",
+    [(44100, 12345, 2), (16000, 16001, 1), (8000, 777, 1), (96000, 12345, 3), (22050, 1, 1), (48000, 320, 2)],
+)
+def test_decode_restores_rate_length_channels(tokenizer, sample_rate, samples, channels):
+    tokens = encode_array(tokenizer, tone(sample_rate, samples, channels), sample_rate)
+
+    decoded = tokenizer.decode(tokens)
+
+    assert tuple(decoded.data.shape) == (channels, samples)
+    assert decoded.metadata == {"sample_rate": sample_rate, "samples": samples, "channels": channels}
+    assert decoded.data.dtype == torch.float32
+
+
+def test_encode_codes_shape_and_range(tokenizer):
+    tokens = encode_array(tokenizer, tone(44100, 12345, 2), 44100)
+
+    model_samples = math.ceil(12345 * 16000 / 44100)
+    assert tokens.codes.dtype == torch.int64
+    assert tuple(tokens.codes.shape) == (3, math.ceil(model_samples / 320))
+    assert int(tokens.codes.min()) >= 0
+    assert int(tokens.codes.max()) < tokenizer.codebook_size
+    assert tokens.metadata == {
+        "sample_rate": 44100,
+        "samples": 12345,
+        "channels": 2,
+        "model_sample_rate": 16000,
+        "levels": 3,
+    }
+    assert tokens.modality == "audio"
+    assert tokens.tokenizer_hash == tokenizer.weights_hash()
+
+
+def test_encode_is_deterministic(tokenizer):
+    data = tone(16000, 8000, 1)
+    assert torch.equal(encode_array(tokenizer, data, 16000).codes, encode_array(tokenizer, data, 16000).codes)
+
+
+def test_batch_equals_one_by_one(tokenizer):
+    samples = [
+        Sample(torch.from_numpy(tone(44100, 12345, 2).T.copy()), {"sample_rate": 44100}),
+        Sample(torch.from_numpy(tone(16000, 3200, 1).T.copy()), {"sample_rate": 16000}),
+        Sample(torch.from_numpy(tone(8000, 9999, 3).T.copy() * 0.3), {"sample_rate": 8000}),
+    ]
+
+    batched = tokenizer.encode_batch(samples)
+    single = [tokenizer.encode(sample) for sample in samples]
+
+    for batch_tokens, single_tokens in zip(batched, single):
+        assert torch.equal(batch_tokens.codes, single_tokens.codes)
+        assert batch_tokens.metadata == single_tokens.metadata
+
+
+def test_chunked_processing_matches_whole(speech_dir):
+    tokenizer = make_tokenizer()
+    clip = load_clips(sorted((speech_dir / "audio" / "train").glob("*.wav"))[:1], 16000)[0]
+    frames = clip.shape[0] // 320
+    wave = clip[: frames * 320].view(1, 1, -1)
+
+    whole_codes = tokenizer.encode_tensor(wave)
+    whole_wave = tokenizer.decode_tensor(whole_codes)
+    tokenizer.chunk_frames = 7
+    chunked_codes = tokenizer.encode_tensor(wave)
+    chunked_wave = tokenizer.decode_tensor(whole_codes)
+
+    assert frames > 3 * 7
+    assert torch.equal(chunked_codes, whole_codes)
+    assert torch.allclose(chunked_wave, whole_wave, atol=1e-5)
+
+
+def test_encode_fewer_levels(tokenizer):
+    data = tone(16000, 6400, 1)
+    full = encode_array(tokenizer, data, 16000)
+
+    fewer = tokenizer.encode_batch([Sample(torch.from_numpy(data.T.copy()), {"sample_rate": 16000})], levels=1)[0]
+    decoded = tokenizer.decode(fewer)
+
+    assert tuple(fewer.codes.shape) == (1, 20)
+    assert fewer.metadata["levels"] == 1
+    assert torch.equal(fewer.codes[0], full.codes[0])
+    assert tuple(decoded.data.shape) == (1, 6400)
+
+
+def test_encode_levels_attribute():
+    tokenizer = make_tokenizer()
+    tokenizer.encode_levels = 2
+    tokens = encode_array(tokenizer, tone(16000, 3200, 1), 16000)
+    assert tuple(tokens.codes.shape) == (2, 10)
+
+
+@pytest.mark.parametrize("levels", [0, 4])
+def test_encode_invalid_levels_raises(tokenizer, levels):
+    sample = Sample(torch.zeros(1, 320), {"sample_rate": 16000})
+    with pytest.raises(MmtokError, match="levels must be between 1 and 3"):
+        tokenizer.encode_batch([sample], levels=levels)
+
+
+def test_encode_sample_without_rate_raises(tokenizer):
+    with pytest.raises(MmtokError, match="sample_rate"):
+        tokenizer.encode(Sample(torch.zeros(1, 320), {}))
+
+
+def test_encode_nan_sample_raises(tokenizer):
+    data = torch.zeros(1, 640)
+    data[0, 3] = float("nan")
+    with pytest.raises(MmtokError, match="NaN"):
+        tokenizer.encode(Sample(data, {"sample_rate": 16000}))
+
+
+def test_decode_other_tokenizer_raises(tokenizer):
+    tokens = encode_array(tokenizer, tone(16000, 3200, 1), 16000)
+    other = make_tokenizer(seed=1)
+    with pytest.raises(MmtokError, match="decode with the tokenizer that encoded them"):
+        other.decode(tokens)
+
+
+def test_decode_out_of_range_code_raises(tokenizer):
+    tokens = encode_array(tokenizer, tone(16000, 3200, 1), 16000)
+    tokens.codes[0, 0] = tokenizer.codebook_size
+    with pytest.raises(MmtokError, match="out of range"):
+        tokenizer.decode(tokens)
+
+
+def test_decode_missing_metadata_raises(tokenizer):
+    tokens = encode_array(tokenizer, tone(16000, 3200, 1), 16000)
+    del tokens.metadata["samples"]
+    with pytest.raises(MmtokError, match="samples"):
+        tokenizer.decode(tokens)
+
+
+def test_token_file_round_trip(tokenizer, tmp_path):
+    tokens = encode_array(tokenizer, tone(44100, 12345, 2), 44100)
+    path = tmp_path / "clip.wav.mmtok"
+
+    tokens.save(path)
+    loaded = Tokens.load(path)
+
+    assert torch.equal(loaded.codes, tokens.codes)
+    assert tuple(tokenizer.decode(loaded).data.shape) == (2, 12345)
+
+
+def test_save_load_round_trip_same_tokens(tokenizer, tmp_path):
+    data = tone(22050, 11025, 1)
+    tokens = encode_array(tokenizer, data, 22050)
+
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = AudioTokenizer.from_pretrained(tmp_path / "model")
+    loaded_any = mmtok.load_model(str(tmp_path / "model"))
+
+    assert loaded.weights_hash() == tokenizer.weights_hash()
+    assert torch.equal(encode_array(loaded, data, 22050).codes, tokens.codes)
+    assert isinstance(loaded_any, AudioTokenizer)
+    assert torch.equal(loaded.decode(tokens).data, tokenizer.decode(tokens).data)
+
+
+def test_saved_config_and_card(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    card = (tmp_path / "model" / "README.md").read_text()
+
+    assert config["codebook_size"] == 32
+    assert config["strides"] == [4, 4, 4, 5]
+    assert config["mmtok_class"] == "mmtok_audio.tokenizer.AudioTokenizer"
+    assert "50 frames/s x 3 levels = 750 bits/s" in card
+    assert "input.wav" in card
+
+
+# Sequences for the generator ----------------------------------------------------------
+
+
+def test_sequence_round_trip(tokenizer):
+    codes = encode_array(tokenizer, tone(16000, 6400, 1), 16000).codes
+
+    sequence = tokenizer.to_sequence(codes)
+
+    assert tokenizer.vocab_size == 3 * 32
+    assert tuple(sequence.shape) == (3 * 20,)
+    assert sequence[:3].tolist() == [int(codes[0, 0]), 32 + int(codes[1, 0]), 64 + int(codes[2, 0])]
+    assert int(sequence.max()) < tokenizer.vocab_size
+    assert torch.equal(tokenizer.from_sequence(sequence), codes)
+
+
+def test_from_sequence_bad_length_raises(tokenizer):
+    with pytest.raises(MmtokError, match="divisible by 3 levels"):
+        tokenizer.from_sequence(torch.zeros(7, dtype=torch.int64))
+
+
+def test_from_sequence_out_of_vocabulary_raises(tokenizer):
+    with pytest.raises(MmtokError, match=r"\[0, 96\)"):
+        tokenizer.from_sequence(torch.tensor([0, 1, 96]))
+
+
+def test_generated_sequence_decodes(tokenizer):
+    sequence = torch.arange(30) % tokenizer.vocab_size
+    codes = tokenizer.from_sequence(sequence)
+    tokens = tokenizer.make_tokens(codes, tokenizer.generation_metadata(sequence.shape[0]))
+
+    decoded = tokenizer.decode(tokens)
+
+    assert tuple(decoded.data.shape) == (1, 10 * 320)
+    assert decoded.metadata["sample_rate"] == 16000
+
+
+# Training -----------------------------------------------------------------------------
+
+
+def test_training_reduces_log_mel_distance(speech_dir, tmp_path):
+    validation = load_clips(sorted((speech_dir / "audio" / "val").glob("*.wav")), 16000)
+    torch.manual_seed(0)
+    before = evaluate_tokenizer(AudioTokenizer(**TINY), validation)
+
+    trained = train_audio_tokenizer(
+        speech_dir,
+        tmp_path / "run",
+        steps=30,
+        batch_size=4,
+        segment_seconds=0.5,
+        lr=3e-3,
+        seed=0,
+        logdir=tmp_path / "logs",
+        checkpoint_every=15,
+        model_args=TINY,
+        command="pytest",
+    )
+
+    assert trained.metrics["val_log_mel_distance"] < before["val_log_mel_distance"]
+    assert set(trained.metrics) >= {"val_si_snr_db", "val_codebook_usage_level_0", "val_log_mel_distance_1_levels"}
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert "Command: `pytest`" in (tmp_path / "run" / "README.md").read_text()
+    assert "val_log_mel_distance" in (tmp_path / "run" / "README.md").read_text()
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_training_resume_loads_checkpoint(speech_dir, tmp_path):
+    arguments = {"steps": 6, "batch_size": 2, "segment_seconds": 0.2, "checkpoint_every": 3, "model_args": TINY}
+    first = train_audio_tokenizer(speech_dir, tmp_path / "run", **arguments)
+
+    resumed = train_audio_tokenizer(speech_dir, tmp_path / "run", resume=True, seed=5, **arguments)
+
+    assert resumed.weights_hash() == first.weights_hash()
+
+
+def test_training_missing_data_raises(tmp_path):
+    with pytest.raises(MmtokError, match="no sound files for split 'train'"):
+        train_audio_tokenizer(tmp_path, tmp_path / "run", steps=1, model_args=TINY)
