@@ -159,7 +159,7 @@ class HubModel(
         """Write ``config.json``, ``model.safetensors`` and a freshly rendered ``README.md``."""
         save_directory = Path(save_directory)
         (save_directory / "README.md").unlink(missing_ok=True)
-        config = dict(self._hub_mixin_config or {})
+        config = dict(kwargs.pop("config", None) or self._hub_mixin_config or {})
         config["metrics"] = self.metrics
         config["training_note"] = self.training_note
         config["mmtok_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

@@ -16,15 +16,17 @@ Output layout under --out (default ``data``):
     image/{train,val}.jsonl      {"file", "caption", "source"}
     audio/{train,val}/*.wav      16 kHz mono 16-bit PCM
     audio/{train,val}.jsonl      {"file", "kind", "duration", ...} where speech rows add
-                                 "voice" and "text", and music rows add "program" (GM lead
-                                 instrument, 0-127), "programs", "drums" and "tempo"
+                                 "voice", "options" (tool settings) and "text", and music
+                                 rows add "program" (GM lead instrument, 0-127),
+                                 "program_name", "programs", "drums", "tempo" and "midi_sha1"
     text/{train,val}.txt         one fortune per record, each record followed by a "%" line
     text/{train,val}.jsonl       {"text"}, one fortune per line
 
-Image and text splits depend only on SHA-1 hashes of source paths and texts, so --seed does
-not change them. The seed selects the --max-images subset and every speech and music
-parameter. Speech and music validation sets use voices and instruments that never occur in
-training. A rerun keeps each output file whose index entry still matches the planned item.
+Image and text splits depend only on --val-fraction and SHA-1 hashes of source paths and
+texts, so --seed does not change them. The seed selects the --max-images subset and every
+speech and music parameter. Validation speech uses only voices that training speech never
+uses, and validation music leads with instruments that training music never uses. A rerun
+keeps each output file whose index entry still matches the planned item.
 
 Example:
 
@@ -39,6 +41,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -629,15 +632,18 @@ def plan_speech(split: str, count: int, voices: list[dict], sentences: list[str]
         rng = random.Random(f"{seed}:speech:{split}:{index}")
         if flite_voices and (not espeak_voices or rng.random() < FLITE_SHARE):
             voice = rng.choice(flite_voices)
-            # duration_stretch > 1 speaks slower. flite reads about 14 characters per second.
-            rate = round(rng.uniform(0.8, 1.25), 2)
-            pitch = None
-            characters_per_s = 14.0 / rate
+            # duration_stretch > 1 speaks slower. At 1, flite 2.2 voices read roughly 16
+            # characters per second of trimmed audio (median over the clips of a full run).
+            stretch = round(rng.uniform(0.8, 1.25), 2)
+            options = {"duration_stretch": stretch}
+            characters_per_s = 16.0 / stretch
         else:
             voice = rng.choice(espeak_voices)
-            rate = rng.randint(120, 220)  # approximate words per minute, default 175
-            pitch = rng.randint(20, 80)  # espeak-ng scale 0-99, default 50
-            characters_per_s = rate * 6 / 60
+            # Speed in approximate words per minute (default 175), pitch on a 0-99 scale (default 50).
+            options = {"speed": rng.randint(120, 220), "pitch": rng.randint(20, 80)}
+            # Estimate of about 6 characters per word. The median over the clips of a full run
+            # with espeak-ng 1.51 was 15 characters per second at a mean speed of 170.
+            characters_per_s = options["speed"] * 6 / 60
         # Aim inside the 3-12 s window so that rate estimates that are off still fit.
         low = bisect.bisect_left(lengths, int(3.5 * characters_per_s))
         high = bisect.bisect_right(lengths, int(10.5 * characters_per_s))
@@ -649,8 +655,7 @@ def plan_speech(split: str, count: int, voices: list[dict], sentences: list[str]
             "engine": voice["engine"],
             "voice": voice["name"],
             "spec": voice["spec"],
-            "rate": rate,
-            "pitch": pitch,
+            "options": options,
             "candidates": rng.sample(pool, min(SENTENCE_CANDIDATES, len(pool))),
         })
     return jobs
@@ -660,13 +665,14 @@ def synthesize(job: dict, text: str, directory: Path) -> np.ndarray:
     output = directory / "speech.wav"
     output.unlink(missing_ok=True)
     if job["engine"] == "espeak-ng":
-        command = ["espeak-ng", "-v", job["spec"], "-s", str(job["rate"]), "-p", str(job["pitch"])]
+        options = job["options"]
+        command = ["espeak-ng", "-v", job["spec"], "-s", str(options["speed"]), "-p", str(options["pitch"])]
         run_tool(command + ["-w", str(output), "--stdin"], text)
     else:
         # flite would read a leading "-" in a -t argument as an option, so the text goes in a file.
         text_file = directory / "speech.txt"
         text_file.write_text(text + "\n", encoding="utf-8")
-        command = ["flite", "-voice", job["spec"], "--setf", f"duration_stretch={job['rate']}"]
+        command = ["flite", "-voice", job["spec"], "--setf", f"duration_stretch={job['options']['duration_stretch']}"]
         run_tool(command + ["-f", str(text_file), "-o", str(output)])
     if not output.exists():
         raise ToolError(f"{job['engine']} wrote no output file")
@@ -688,14 +694,25 @@ def synthesize_speech(job: dict, out: Path) -> dict:
             duration = audio.size / SAMPLE_RATE
             if MIN_SPEECH_S <= duration <= MAX_SPEECH_S:
                 write_wav(out / job["file"], audio)
-                row = {"file": job["file"], "kind": "speech", "voice": job["voice"], "text": text}
-                return {"row": {**row, "duration": round(duration, 3)}}
+                row = {
+                    "file": job["file"],
+                    "kind": "speech",
+                    "voice": job["voice"],
+                    "options": job["options"],
+                    "text": text,
+                    "duration": round(duration, 3),
+                }
+                return {"row": row}
             errors.append(f"{duration:.1f} s is outside {MIN_SPEECH_S:g}-{MAX_SPEECH_S:g} s")
     return {"error": "; ".join(errors[-3:]) or "no candidate sentences"}
 
 
 def speech_row_matches(row: dict, job: dict) -> bool:
-    return row.get("voice") == job["voice"] and row.get("text") in job["candidates"]
+    return (
+        row.get("voice") == job["voice"]
+        and row.get("options") == job["options"]
+        and row.get("text") in job["candidates"]
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -733,7 +750,8 @@ SCALES = {
 CHORD_DEGREES = [0, 0, 1, 3, 4, 4, 5]
 # The MIDI file ends this long after the last note, so that fluidsynth renders releases and reverb.
 RELEASE_TAIL_S = 1.5
-# Longer renders are cut to this length with a short fade-out.
+# Pieces have at least MIN_MUSIC_S of notes. Longer renders are cut to MAX_MUSIC_S with a fade-out.
+MIN_MUSIC_S = 4.0
 MAX_MUSIC_S = 10.0
 FADE_OUT_S = 0.2
 
@@ -788,7 +806,8 @@ def compose_piece(rng: random.Random, lead_programs: list[int]) -> tuple[bytes, 
     """
     tempo = rng.randint(70, 160)
     beats_per_bar = rng.choice([3, 4, 4, 4])
-    bars = max(1, round(rng.uniform(4, 10) * tempo / 60 / beats_per_bar))
+    bar_s = beats_per_bar * 60 / tempo
+    bars = max(math.ceil(MIN_MUSIC_S / bar_s), round(rng.uniform(MIN_MUSIC_S, MAX_MUSIC_S) / bar_s))
     total_beats = bars * beats_per_bar
     scale = SCALES[rng.choice(sorted(SCALES))]
     tonic = rng.randint(55, 67)  # MIDI note of the melody's tonic, G3 to G4
@@ -815,7 +834,8 @@ def compose_piece(rng: random.Random, lead_programs: list[int]) -> tuple[bytes, 
     degree = rng.randint(0, 4)
     while beat < total_beats:
         length = min(rng.choice([0.25, 0.5, 0.5, 1, 1, 1, 1.5, 2]), total_beats - beat)
-        if rng.random() > 0.12:
+        is_last_note = beat + length >= total_beats
+        if is_last_note or rng.random() > 0.12:
             velocity = rng.randint(70, 110)
             track.note(ticks(beat), ticks(length * 0.95), 0, scale_pitch(degree), velocity)
         degree = min(max(degree + rng.choice([-3, -2, -1, -1, 0, 1, 1, 2, 3]), -3), 10)
@@ -880,6 +900,7 @@ def plan_music(split: str, count: int, seed: int) -> list[dict]:
             "split": split,
             "file": f"{split}/music_{index:05d}.wav",
             "midi": midi,
+            "midi_sha1": hashlib.sha1(midi).hexdigest(),
             "description": description,
         })
     return jobs
@@ -919,14 +940,14 @@ def render_music(job: dict, out: Path, gain: float) -> dict:
         "programs": description["programs"],
         "drums": description["drums"],
         "tempo": description["tempo"],
+        "midi_sha1": job["midi_sha1"],
         "duration": round(duration, 3),
     }
     return {"row": row}
 
 
 def music_row_matches(row: dict, job: dict) -> bool:
-    description = job["description"]
-    return all(row.get(key) == value for key, value in description.items())
+    return row.get("midi_sha1") == job["midi_sha1"]
 
 
 # ---------------------------------------------------------------------------

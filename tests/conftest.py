@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# The Hub is never reached from tests; huggingface_hub reads this once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import shutil
 import subprocess
 from pathlib import Path

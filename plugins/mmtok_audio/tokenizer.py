@@ -78,9 +78,9 @@ class AudioTokenizer(Tokenizer):
         codebook_size: int = 1024,
         levels: int = 4,
         weight_norm: bool = False,
-        quantizer_decay: float = 0.99,
+        quantizer_decay: float = 0.95,
         commitment_weight: float = 0.25,
-        restart_threshold: float = 0.1,
+        restart_threshold: float = 0.25,
     ) -> None:
         super().__init__()
         if sample_rate <= 0:

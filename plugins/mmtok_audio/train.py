@@ -68,8 +68,12 @@ def find_audio_files(data_dir: Path, split: str) -> list[Path]:
     raise MmtokError(f"no sound files for split {split!r}: looked in {tried}; run scripts/prepare_data.py first")
 
 
-def load_clips(files: list[Path], sample_rate: int) -> list[torch.Tensor]:
-    """Read each file as a mono 1-D float32 tensor at ``sample_rate``."""
+def load_clips(files: list[Path], sample_rate: int, as_int16: bool = False) -> list[torch.Tensor]:
+    """Read each file as a mono 1-D tensor at ``sample_rate``.
+
+    Clips are float32 in [-1, 1], or with ``as_int16`` the same values times 32768 as
+    int16, which halves the memory and is exact for 16-bit PCM sources.
+    """
     import soxr
 
     modality = AudioModality()
@@ -79,14 +83,16 @@ def load_clips(files: list[Path], sample_rate: int) -> list[torch.Tensor]:
         mono = sample.data.mean(dim=0)  # (T,)
         if sample.metadata["sample_rate"] != sample_rate:
             mono = torch.from_numpy(soxr.resample(mono.numpy(), sample.metadata["sample_rate"], sample_rate).copy())
+        if as_int16:
+            mono = (mono * 32768.0).round().clamp(-32768, 32767).to(torch.int16)
         clips.append(mono)
     return clips
 
 
 def sample_segments(clips: list[torch.Tensor], batch_size: int, segment_samples: int) -> torch.Tensor:
-    """Draw random ``(B, 1, segment_samples)`` segments with random gain, using torch's global RNG.
+    """Draw random float32 ``(B, 1, segment_samples)`` segments with random gain, using torch's global RNG.
 
-    A clip is chosen with probability proportional to its length, so every second of
+    ``clips`` are as :func:`load_clips` returns them, float32 or int16. A clip is chosen with probability proportional to its length, so every second of
     audio is equally likely; clips shorter than a segment are zero-padded on the right.
     """
     lengths = torch.tensor([clip.shape[0] for clip in clips], dtype=torch.float64)
@@ -95,7 +101,9 @@ def sample_segments(clips: list[torch.Tensor], batch_size: int, segment_samples:
     for index in choices.tolist():
         clip = clips[index]
         start = int(torch.randint(max(clip.shape[0] - segment_samples, 0) + 1, ()).item())
-        segment = clip[start : start + segment_samples]
+        segment = clip[start : start + segment_samples].float()
+        if clip.dtype == torch.int16:
+            segment = segment / 32768.0
         segments.append(F.pad(segment, (0, segment_samples - segment.shape[0])))
     batch = torch.stack(segments).unsqueeze(1)  # (B, 1, T)
     low, high = GAIN_RANGE_DB
@@ -200,7 +208,7 @@ def train_audio_tokenizer(
 
     train_files = find_audio_files(data_dir, "train")
     validation_files = find_audio_files(data_dir, "val")
-    train_clips = load_clips(train_files, sample_rate)
+    train_clips = load_clips(train_files, sample_rate, as_int16=True)
     validation_clips = load_clips(validation_files, sample_rate)
     train_seconds = sum(clip.shape[0] for clip in train_clips) / sample_rate
     logger.info(
