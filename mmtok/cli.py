@@ -59,7 +59,7 @@ def seed_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
 def cli(verbose: int) -> None:
     """Turn any modality into discrete tokens, and generate new ones."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -34,7 +34,7 @@ _BUNDLED_CORE = {"mmtok/generator": "pretrained/generator"}
 
 
 def bundled_models() -> dict[str, Path]:
-    """Return every bundled model name and the folder that holds it."""
+    """Return every bundled model name and the folder that contains it."""
     from mmtok.plugins import get_plugin_manager
 
     models = {

@@ -27,7 +27,7 @@ class Sample:
 
     ``data`` is a tensor for continuous modalities (an image is ``(C, H, W)`` float in
     [0, 1], audio is ``(channels, samples)`` float in [-1, 1]) and a ``str`` for text.
-    ``metadata`` holds what a writer or decoder needs (sample rate, original size, ...)
+    ``metadata`` contains what a writer or decoder needs (sample rate, original size, ...)
     and must be JSON-serialisable.
     """
 

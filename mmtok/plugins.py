@@ -3,7 +3,7 @@
 Loading runs once per process. ``MMTOK_LOAD_PLUGINS`` narrows it to a comma-separated
 list of entry-point or distribution names, and an empty value loads none. A plugin that
 fails to import or registers an invalid modality is recorded in ``errors`` and reported
-as one warning; the other plugins and every command keep working.
+as one warning. The other plugins and every command keep working.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Building generator training examples from a data folder, and training from it.
 
-The folder holds ``<modality>/train.jsonl`` and ``<modality>/val.jsonl`` per modality, as
+The folder contains ``<modality>/train.jsonl`` and ``<modality>/val.jsonl`` per modality, as
 ``scripts/prepare_data.py`` writes them. Each line is a JSON object with ``file`` (a path
 relative to the modality folder) or ``text`` (the content itself, for text), and an
 optional ``caption``. A captioned item becomes a text-conditioned example, so the
@@ -35,7 +35,7 @@ Example = list[tuple[str, torch.Tensor]]
 
 # Share of captioned items that also become unconditional examples.
 UNCONDITIONAL_SHARE = 0.25
-# Longest items (long audio, long text) give at most this many windows each.
+# Maximum number of windows taken from one long item (long audio, long text).
 MAX_WINDOWS_PER_ITEM = 4
 
 

@@ -8,7 +8,7 @@ from mmtok import MmtokError, Modality, Sample
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
-# Larger text files are rejected: a SentencePiece pass holds the whole string in memory.
+# Larger text files are rejected: a SentencePiece pass keeps the whole string in memory.
 MAX_TEXT_BYTES = 256 * 1024 * 1024
 
 

@@ -4,7 +4,7 @@ Reproduce the bundled default (after ``python scripts/prepare_data.py``) with::
 
     mmtok train tokenizer --modality text --data data/text --output runs/text-tokenizer
 
-``DIR/train.jsonl`` holds one ``{"text": ...}`` record per line (``DIR/train.txt`` with
+``DIR/train.jsonl`` contains one ``{"text": ...}`` record per line (``DIR/train.txt`` with
 one record per line also works); ``DIR/val.jsonl`` is used to measure tokens per character.
 """
 
