@@ -529,7 +529,8 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 # ---------------------------------------------------------------------------
 
 # Languages written in Latin script. espeak-ng reads the English fortunes with each language's
-# spelling rules, which gives many accents. Voices of other scripts would spell out the letters.
+# spelling rules, which gives many accents. In espeak-ng 1.51, voices for other scripts switch
+# to English for Latin text (ru, hi) or spell out each letter (ja).
 ESPEAK_LANGUAGES = [
     "af", "an", "az", "ca", "cs", "cy", "da", "de", "en-029", "en-gb", "en-gb-scotland",
     "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-us", "en-us-nyc", "eo", "es", "es-419",
@@ -619,9 +620,9 @@ def list_speech_voices() -> dict[str, list[dict]]:
 
 
 def plan_speech(split: str, count: int, voices: list[dict], sentences: list[str], seed: int) -> list[dict]:
-    """Draw the voice, rate, pitch and candidate sentences of each speech clip of one split.
+    """Draw the voice, tool options and candidate sentences of each speech clip of one split.
 
-    Candidates are drawn from sentences whose length at the drawn rate should give 3-12 s. The
+    Candidates are drawn from sentences whose length at the drawn speed should give 3-12 s. The
     worker keeps the first candidate whose audio really is that long.
     """
     espeak_voices = [voice for voice in voices if voice["engine"] == "espeak-ng"]
@@ -644,7 +645,7 @@ def plan_speech(split: str, count: int, voices: list[dict], sentences: list[str]
             # Estimate of about 6 characters per word. The median over the clips of a full run
             # with espeak-ng 1.51 was 15 characters per second at a mean speed of 170.
             characters_per_s = options["speed"] * 6 / 60
-        # Aim inside the 3-12 s window so that rate estimates that are off still fit.
+        # Aim inside the 3-12 s window so that speed estimates that are off still fit.
         low = bisect.bisect_left(lengths, int(3.5 * characters_per_s))
         high = bisect.bisect_right(lengths, int(10.5 * characters_per_s))
         pool = sentences[low:high] if high - low >= SENTENCE_CANDIDATES else sentences
@@ -1005,7 +1006,7 @@ def prepare_audio(
             split_rows = [rows[job["file"]] for job in jobs if job["split"] == split and job["file"] in rows]
             write_jsonl(audio_dir / f"{split}.jsonl", split_rows)
 
-    failures_by_voice: collections.Counter[str] = collections.Counter()
+    failures_by_source: collections.Counter[str] = collections.Counter()
     failed_clips = 0
     started = time.monotonic()
     tasks = [(job, str(audio_dir), gain) for job in pending]
@@ -1016,9 +1017,9 @@ def prepare_audio(
             else:
                 failed_clips += 1
                 source = job.get("voice") or f"program {job['description']['program']}"
-                failures_by_voice[source] += 1
+                failures_by_source[source] += 1
                 # Log the first failures of each voice or program, then only count them.
-                level = logging.WARNING if failures_by_voice[source] <= 2 else logging.DEBUG
+                level = logging.WARNING if failures_by_source[source] <= 2 else logging.DEBUG
                 log.log(level, "Skipping %s (%s): %s", job["file"], source, result["error"])
             if done % CHECKPOINT_EVERY == 0:
                 write_indexes()
@@ -1029,7 +1030,7 @@ def prepare_audio(
     if failed_clips:
         log.warning(
             "%d audio clips failed and are left out. Failures by voice or program: %s",
-            failed_clips, dict(failures_by_voice.most_common()),
+            failed_clips, dict(failures_by_source.most_common()),
         )
     for split in SPLITS:
         keep = {Path(file).name for file in rows if file.startswith(f"{split}/")}
@@ -1112,10 +1113,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-images", type=int, default=None, help="maximum number of clip-art images (default: all)"
     )
-    parser.add_argument("--speech-train", type=int, default=1500, help="training speech clips (default: 1500)")
-    parser.add_argument("--speech-val", type=int, default=100, help="validation speech clips (default: 100)")
-    parser.add_argument("--music-train", type=int, default=600, help="training music clips (default: 600)")
-    parser.add_argument("--music-val", type=int, default=50, help="validation music clips (default: 50)")
+    parser.add_argument("--speech-train", type=int, default=1500, help="number of training speech clips (default: 1500)")
+    parser.add_argument("--speech-val", type=int, default=100, help="number of validation speech clips (default: 100)")
+    parser.add_argument("--music-train", type=int, default=600, help="number of training music clips (default: 600)")
+    parser.add_argument("--music-val", type=int, default=50, help="number of validation music clips (default: 50)")
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -1127,8 +1128,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="worker processes (default: CPU count, at most 4). Resizing the largest clip art "
-        "takes about 2 GB of memory per worker",
+        help="number of worker processes (default: CPU count, at most 4). Resizing the largest "
+        "clip art took 2 GB of memory per worker with Pillow 13",
     )
     parser.add_argument("--verbose", action="store_true", help="log every skipped item")
     arguments = parser.parse_args(argv)
@@ -1156,7 +1157,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out: Path = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    # Generated data never belongs in git, wherever --out points.
+    # Keep generated data out of git wherever --out points.
     write_text_if_changed(out / ".gitignore", "*\n")
 
     started = time.monotonic()
