@@ -166,6 +166,8 @@ class Generator(HubModel):
             padding. ``None`` means ``["text"]`` when the token space has text.
         layouts: segment orders seen in training, condition first. ``generate`` logs a
             warning for other orders. ``None`` means not recorded.
+        sequence_options: per-modality keyword arguments for the tokenizer's
+            ``to_sequence`` and ``from_sequence``, e.g. ``{"audio": {"levels": 2}}``.
     """
 
     card_template = "generator"
@@ -186,6 +188,7 @@ class Generator(HubModel):
         tie_embeddings: bool = True,
         variable_length: list[str] | None = None,
         layouts: list[list[str]] | None = None,
+        sequence_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if dim % heads or (dim // heads) % 2:
@@ -206,6 +209,7 @@ class Generator(HubModel):
             variable_length = [modality for modality in ("text",) if modality in self.token_space.modalities]
         self.variable_length = list(variable_length)
         self.layouts = [list(layout) for layout in layouts] if layouts is not None else None
+        self.sequence_options = {modality: dict(options) for modality, options in (sequence_options or {}).items()}
         self.schedule = get_schedule(schedule)
         self.condition_dropout = condition_dropout
         self.condition_noising = condition_noising
@@ -482,6 +486,10 @@ class Generator(HubModel):
             show_progress=show_progress,
         )
         return [[batch.layout.decode(row, index) for index in range(len(segments))] for row in ids]
+
+    def supports_condition(self, condition: str, target: str) -> bool:
+        """Return whether training saw ``target`` conditioned on ``condition`` (True when not recorded)."""
+        return self.layouts is None or [condition, target] in self.layouts
 
     def _seeded_generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:

@@ -1,8 +1,8 @@
 """The audio tokenizer: a SEANet encoder/decoder around a residual vector quantizer.
 
-The codec follows SoundStream (Zeghidour et al., 2021) and EnCodec (Défossez et al., 2022):
-mono audio at 16 kHz is encoded to 50 latent frames per second (hop 320 samples), and
-each frame is quantized by a stack of codebooks, each coding the residual the previous
+The codec follows SoundStream (Zeghidour et al., 2021) and EnCodec (Défossez et al., 2022).
+Mono audio at 16 kHz is encoded to 50 latent frames per second (hop 320 samples). A stack
+of codebooks quantizes each frame, and each codebook codes the residual that the previous
 ones left. With 4 levels of 1024 codes that is 50 x 4 x 10 = 2000 bits per second.
 
 Shape letters: B batch, T samples, F frames, L quantizer levels, D latent dimension.
@@ -56,12 +56,15 @@ class AudioTokenizer(Tokenizer):
         codebook_size: codes per quantizer level.
         levels: number of residual quantizer levels; encoding may use fewer.
         weight_norm: wrap every convolution in weight normalisation.
-        quantizer_decay: EMA decay of the codebook statistics.
+        quantizer_decay: EMA decay of the codebook statistics. The default 0.95, a memory
+            of about 20 batches in place of the more usual 0.99, lets the codebooks follow
+            the fast-changing encoder of a short training run.
         commitment_weight: weight beta of the commitment loss ``||z - sg(e)||^2``.
-        restart_threshold: a code whose EMA count (codes per training batch) falls below
-            this is replaced by a recent encoder output. The default suits batches of
-            about 400 frames (8 one-second clips) against 1024 codes, where a code used
-            at the uniform rate has an EMA count of about 0.4.
+        restart_threshold: a code whose EMA count (uses per training batch) falls below
+            this is replaced by a recent encoder output. The default training batch has
+            400 frames (8 one-second clips), so each of 1024 codes used equally would have
+            an EMA count of about 0.4. The default 0.25 restarts codes used less than
+            about once every 4 batches.
     """
 
     modality = "audio"
@@ -87,6 +90,7 @@ class AudioTokenizer(Tokenizer):
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         if levels < 1 or codebook_size < 2:
             raise ValueError(f"need levels >= 1 and codebook_size >= 2, got {levels} and {codebook_size}")
+
         self.sample_rate = int(sample_rate)
         self.seanet = SEANetConfig(
             channels=tuple(channels),
@@ -99,6 +103,7 @@ class AudioTokenizer(Tokenizer):
         self.hop_length = self.seanet.hop_length
         self.codebook_size = codebook_size
         self.levels = levels
+
         self.encoder = SEANetEncoder(self.seanet)
         self.decoder = SEANetDecoder(self.seanet)
         self.quantizer = ResidualVectorQuantizer(
@@ -109,11 +114,13 @@ class AudioTokenizer(Tokenizer):
             beta=commitment_weight,
             restart_threshold=restart_threshold,
         )
+
         # Quantizer levels used by encode_batch when no `levels` argument is given;
         # None uses all of them. Not saved: it is a per-use choice of bitrate.
         self.encode_levels: int | None = None
-        # Frames per forward pass when encoding or decoding long inputs, so memory stays
-        # flat with the length. Each chunk also reads `context_frames` on both sides.
+        # Frames per forward pass when encoding or decoding long inputs, so activation
+        # memory stays bounded for any length. Each chunk also reads `context_frames` of
+        # context on both sides, enough for the result to match one whole pass.
         self.chunk_frames = 1500
         self.context_frames = receptive_field_frames(self.seanet)
 
@@ -242,20 +249,25 @@ class AudioTokenizer(Tokenizer):
 
     # Sequences for the generator ----------------------------------------------------
 
-    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
-        """Flatten ``(L, F)`` codes frame by frame; level ``l`` code ``c`` becomes ``l * K + c``."""
+    def to_sequence(self, codes: torch.Tensor, levels: int | None = None, **options: Any) -> torch.Tensor:
+        """Flatten ``(L, F)`` codes frame by frame; level ``l`` code ``c`` becomes ``l * K + c``.
+
+        ``levels`` keeps only the first levels, as a generator that models fewer levels needs.
+        """
+        if levels is not None:
+            codes = codes[:levels]
         if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
             raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
         offsets = torch.arange(codes.shape[0], device=codes.device).unsqueeze(1) * self.codebook_size  # (L, 1)
         return (codes + offsets).t().reshape(-1)  # (F * L,)
 
-    def from_sequence(self, ids: torch.Tensor) -> torch.Tensor:
-        """Invert :meth:`to_sequence` for ``encode_levels`` (or all) levels; returns ``(L, F)``.
+    def from_sequence(self, ids: torch.Tensor, levels: int | None = None, **options: Any) -> torch.Tensor:
+        """Invert :meth:`to_sequence` for ``levels`` (default ``encode_levels`` or all); returns ``(L, F)``.
 
         An id whose level does not match its position, which a generator can emit, is read
         as the code ``id % codebook_size`` of the position's level.
         """
-        levels = self.encode_levels or self.levels
+        levels = levels or self.encode_levels or self.levels
         if ids.dim() != 1 or ids.shape[0] % levels:
             raise MmtokError(
                 f"an audio sequence must be 1-D with a length divisible by {levels} levels, got shape {tuple(ids.shape)}"
@@ -264,8 +276,8 @@ class AudioTokenizer(Tokenizer):
             raise MmtokError(f"audio sequence ids must lie in [0, {self.vocab_size})")
         return (ids % self.codebook_size).view(-1, levels).t().contiguous()  # (L, F)
 
-    def generation_metadata(self, sequence_length: int) -> dict[str, Any]:
-        levels = self.encode_levels or self.levels
+    def generation_metadata(self, sequence_length: int, levels: int | None = None, **options: Any) -> dict[str, Any]:
+        levels = levels or self.encode_levels or self.levels
         frames = sequence_length // levels
         return {
             "sample_rate": self.sample_rate,
@@ -274,6 +286,12 @@ class AudioTokenizer(Tokenizer):
             "model_sample_rate": self.sample_rate,
             "levels": levels,
         }
+
+    def sequence_defaults(self) -> tuple[int, dict[str, Any]]:
+        # The generator models the two coarsest levels of 64 frames (1.28 s at 50 Hz):
+        # finer levels add little audible detail but double the sequence length.
+        levels = min(2, self.levels)
+        return 64 * levels, {"levels": levels}
 
     # Model card ---------------------------------------------------------------------
 
