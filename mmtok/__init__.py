@@ -8,10 +8,12 @@ from mmtok.plugins import get_plugin_manager
 from mmtok.quantize import QuantizerOutput, ResidualVectorQuantizer, VectorQuantizer
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import TokenSpace, Tokens
+from mmtok.generate import Generator  # noqa: E402  (imports mmtok.hub and mmtok.tokens)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generator",
     "HubModel",
     "MmtokError",
     "Modality",
