@@ -22,7 +22,7 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
 
 def draw_picture(path: Path, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Path:

@@ -18,6 +18,7 @@ from mmtok.errors import MmtokError
 from mmtok.modality import Sample
 from mmtok.tokens import Tokens
 from mmtok_audio import AudioModality, AudioTokenizer
+from mmtok_audio.losses import LogMelDistance
 from mmtok_audio.train import evaluate_tokenizer, load_clips, train_audio_tokenizer
 
 # Small enough to run in milliseconds, with the real hop of 320 samples at 16 kHz.
@@ -401,6 +402,25 @@ def test_saved_config_and_card(tokenizer, tmp_path):
     assert config["mmtok_class"] == "mmtok_audio.tokenizer.AudioTokenizer"
     assert "50 frames/s x 3 levels = 750 bits/s" in card
     assert "input.wav" in card
+
+
+def test_bundled_tokenizer_reconstructs_speech(speech_dir):
+    modality = AudioModality()
+    if "mmtok/audio-tokenizer" not in modality.bundled_models():
+        pytest.skip("no bundled audio tokenizer in this checkout")
+    tokenizer = mmtok.load_model("mmtok/audio-tokenizer")
+    path = sorted((speech_dir / "audio" / "val").glob("*.wav"))[0]
+    sample = modality.read(path)
+
+    tokens = tokenizer.encode(sample)
+    decoded = tokenizer.decode(tokens)
+    clip = load_clips([path], 16000)[0]
+    codec_distance = evaluate_tokenizer(tokenizer, [clip])["val_log_mel_distance"]
+    silence_distance = float(LogMelDistance(16000)(torch.zeros(1, clip.shape[0]), clip.unsqueeze(0))[0])
+
+    assert tokens.codes.shape[0] == 4
+    assert tuple(decoded.data.shape) == tuple(sample.data.shape)
+    assert codec_distance < silence_distance
 
 
 # Sequences for the generator ----------------------------------------------------------

@@ -32,9 +32,9 @@ from mmtok.tokens import TokenSpace
 logger = logging.getLogger(__name__)
 
 # The loss integrates over t in [T_MIN, 1]. The ELBO weight -alpha'/(1 - alpha) grows
-# like 1/t, so without a floor the variance of a one-sample estimate diverges. For a
-# denoiser whose loss grows with the masked fraction, the left-out part [0, T_MIN] is at
-# most a fraction 1 - alpha(T_MIN) of the ELBO (1e-3 for the log-linear schedule), so the
+# like 1/t, so without a floor the variance of a one-sample estimate diverges. The
+# left-out part [0, T_MIN] is at most a fraction 1 - alpha(T_MIN) of the ELBO (1e-3 for
+# the log-linear schedule) when the denoiser's loss grows with the masked fraction. The
 # estimate can fall below the true bound by that much.
 T_MIN = 1e-3
 
@@ -394,7 +394,8 @@ class Generator(HubModel):
         Args:
             modality: the modality to generate.
             n: number of samples.
-            steps: number of denoising steps (model calls, twice that with guidance).
+            steps: number of denoising steps. Each step calls the model at most once, on a
+                doubled batch with guidance.
             sampler: ``"confidence"`` or ``"ancestral"``.
             temperature: divides the logits; 0 picks the most likely id.
             top_p: nucleus sampling threshold in (0, 1].
@@ -415,7 +416,7 @@ class Generator(HubModel):
             raise ValueError(f"n must be at least 1, got {n}")
         if guidance and not condition:
             raise ValueError("guidance needs a condition; pass condition=[(modality, ids), ...] or guidance=0")
-        example = [*(condition or []), (modality, None)]
+        example = [*self._fit_condition(condition or []), (modality, None)]
         self._warn_unseen_layout([segment_modality for segment_modality, _ in example])
         batch = self.make_batch([example] * n)
         keep = batch.ids != self.token_space.mask_id
@@ -490,6 +491,18 @@ class Generator(HubModel):
     def supports_condition(self, condition: str, target: str) -> bool:
         """Return whether training saw ``target`` conditioned on ``condition`` (True when not recorded)."""
         return self.layouts is None or [condition, target] in self.layouts
+
+    def _fit_condition(self, condition: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """Cut variable-length condition segments (a long text prompt) to the segment length."""
+        fitted = []
+        for modality, local_ids in condition:
+            local_ids = torch.as_tensor(local_ids).reshape(-1)
+            length = self.sequence_lengths.get(modality)
+            if modality in self.variable_length and length is not None and local_ids.numel() > length:
+                logger.warning("the %s condition has %d tokens; keeping the first %d", modality, local_ids.numel(), length)
+                local_ids = local_ids[:length]
+            fitted.append((modality, local_ids))
+        return fitted
 
     def _seeded_generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:

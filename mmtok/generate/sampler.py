@@ -125,7 +125,7 @@ class _Denoiser:
 
 
 def _nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely ids whose probability reaches ``top_p``; renormalise."""
+    """Keep the smallest set of most likely ids whose probability reaches ``top_p``, then renormalise."""
     sorted_log_probs, order = log_probs.sort(dim=-1, descending=True)
     before = sorted_log_probs.exp().cumsum(-1) - sorted_log_probs.exp()  # mass of more likely ids
     drop_sorted = before >= top_p  # the most likely id always stays

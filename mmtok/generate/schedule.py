@@ -78,7 +78,7 @@ SCHEDULES: dict[str, type[Schedule]] = {
 
 
 def get_schedule(name: str) -> Schedule:
-    """Return the schedule called ``name``; raise ``ValueError`` listing the choices."""
+    """Return the schedule called ``name``, or raise ``ValueError`` listing the choices."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     return SCHEDULES[name]()

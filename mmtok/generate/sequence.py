@@ -114,7 +114,7 @@ class Layout:
         return self.segments[-1]
 
     def encode(self, example: Example) -> torch.Tensor:
-        """Return the ``(T,)`` unified ids of one example; a ``None`` segment becomes masks."""
+        """Return the ``(T,)`` unified ids of one example. A ``None`` segment becomes masks."""
         modalities = tuple(modality for modality, _ in example)
         if modalities != self.modalities:
             raise MmtokError(f"example has segments {list(modalities)}, expected {list(self.modalities)}")
@@ -186,7 +186,7 @@ def allowed_ids(token_space: TokenSpace, variable_length: Iterable[str]) -> torc
                 table[kind, token_space.end_id(modality)] = True
                 table[kind, token_space.pad_id] = True
         else:
-            # A fixed-length segment has no tail slot; the row only keeps softmax finite.
+            # A fixed-length segment has no tail slot. The row only keeps softmax finite.
             table[tail_kind(index)] = table[content_kind(index)]
     return table
 

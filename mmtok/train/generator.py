@@ -31,7 +31,7 @@ CHECKPOINT_T_SAMPLES = 4
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Map ``"auto"`` to CUDA when available, else CPU; pass other names through."""
+    """Map ``"auto"`` to CUDA when available, else to CPU. Other names pass through."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -180,6 +180,12 @@ def train_generator(
     if validation_examples:
         model.metrics.update(evaluate_bits_per_token(model, validation_examples, t_samples=FINAL_T_SAMPLES, seed=seed))
         model.metrics["validation_examples"] = len(validation_examples)
+    if not model.training_note:
+        orders = "; ".join(" then ".join(layout) for layout in data.layouts)
+        model.training_note = (
+            f"Trained by mmtok.train.generator.train_generator for {steps} AdamW steps of batch {batch_size} "
+            f"(peak learning rate {lr}, seed {seed}) on {len(examples)} examples with segment orders: {orders}."
+        )
     model.save_pretrained(output_dir)
     logger.info("saved the generator to %s", output_dir)
     return model
@@ -201,11 +207,11 @@ def _make_model(
 
 
 def _parameter_groups(model: Generator, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay only matrices of linear layers, as in GPT-2 training; embeddings and norms keep their scale.
+    # Decay only matrices of linear layers, as in GPT-2 training, so embeddings and norms keep their scale.
     embeddings = {id(model.token_embedding.weight), id(model.modality_embedding.weight)}
     decayed = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    kept = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    undecayed = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """Reconstruction losses and quality metrics for the audio tokenizer.
 
 - Multi-resolution STFT loss (spectral convergence plus log-magnitude L1) from Yamamoto
-  et al. (2020), "Parallel WaveGAN", section 2.3.
+  et al. (2020), "Parallel WaveGAN".
 - Multi-resolution log-mel L1, as in the frequency-domain loss of EnCodec (Défossez et
-  al., 2022, section 3.4), with mel filterbanks built here from the HTK mel scale so that
-  no audio library beyond torch is needed.
+  al., 2022). The mel filterbanks are built here from the HTK mel scale, so no audio
+  library beyond torch is needed.
 - Scale-invariant SNR from Le Roux et al. (2019), "SDR - half-baked or well done?".
 
 Shape letters: B batch, T samples, N frequency bins, M mel bands, S STFT frames.

@@ -88,6 +88,12 @@ class AudioModality(Modality):
 
         return AudioTokenizer
 
+    def train_tokenizer(self, data_dir: Path, output_dir: Path, **options):
+        """Train an audio tokenizer; ``options`` are those of :func:`mmtok_audio.train.train_audio_tokenizer`."""
+        from mmtok_audio.train import train_audio_tokenizer
+
+        return train_audio_tokenizer(data_dir, output_dir, **options)
+
     def bundled_models(self) -> dict[str, Path]:
         folder = Path(__file__).parent / "pretrained" / "audio-tokenizer"
         if (folder / "model.safetensors").is_file():

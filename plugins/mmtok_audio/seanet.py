@@ -30,7 +30,7 @@ def _maybe_weight_norm(module: nn.Module, enabled: bool) -> nn.Module:
 
 
 class PaddedConv1d(nn.Module):
-    """Conv1d with zero padding so that ``T`` samples become ``ceil(T / stride)`` outputs.
+    """Conv1d with zero padding so that ``T`` samples, a multiple of the stride, become ``T / stride`` outputs.
 
     The padding is ``effective_kernel - stride`` in total, split evenly with the extra
     sample on the right, so the output is centred on its input window.
@@ -52,8 +52,6 @@ class PaddedConv1d(nn.Module):
         effective_kernel = (kernel_size - 1) * dilation + 1
         padding = max(effective_kernel - stride, 0)
         self.padding = (padding // 2, padding - padding // 2)
-        # Receptive field in samples at this layer's input rate, for chunked processing.
-        self.span = effective_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, C_in, T)`` to ``(B, C_out, T / stride)``."""
@@ -104,7 +102,7 @@ class SEANetConfig:
         strides: downsampling factor of each encoder block; their product is the hop.
         dilations: dilations of the residual units inside each block.
         bottleneck_dilations: dilations of the residual units at the frame rate.
-        latent_dim: dimension D of the latent frames that the quantizer sees.
+        latent_dim: dimension D of the latent frames, the vectors the quantizer codes.
         weight_norm: wrap every convolution in weight normalisation.
     """
 
@@ -137,15 +135,16 @@ class SEANetEncoder(nn.Module):
 
     def __init__(self, config: SEANetConfig) -> None:
         super().__init__()
-        wn = config.weight_norm
-        layers: list[nn.Module] = [PaddedConv1d(1, config.channels[0], 7, weight_norm=wn)]
+        norm = config.weight_norm
+        layers: list[nn.Module] = [PaddedConv1d(1, config.channels[0], 7, weight_norm=norm)]
         for index, stride in enumerate(config.strides):
             width = config.channels[index]
-            layers += [ResidualUnit(width, dilation, weight_norm=wn) for dilation in config.dilations]
-            layers += [nn.ELU(), PaddedConv1d(width, config.channels[index + 1], 2 * stride, stride, weight_norm=wn)]
+            layers += [ResidualUnit(width, dilation, weight_norm=norm) for dilation in config.dilations]
+            layers += [nn.ELU(), PaddedConv1d(width, config.channels[index + 1], 2 * stride, stride, weight_norm=norm)]
+
         width = config.channels[-1]
-        layers += [ResidualUnit(width, dilation, weight_norm=wn) for dilation in config.bottleneck_dilations]
-        layers += [nn.ELU(), PaddedConv1d(width, config.latent_dim, 3, weight_norm=wn)]
+        layers += [ResidualUnit(width, dilation, weight_norm=norm) for dilation in config.bottleneck_dilations]
+        layers += [nn.ELU(), PaddedConv1d(width, config.latent_dim, 3, weight_norm=norm)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -158,15 +157,17 @@ class SEANetDecoder(nn.Module):
 
     def __init__(self, config: SEANetConfig) -> None:
         super().__init__()
-        wn = config.weight_norm
+        norm = config.weight_norm
         width = config.channels[-1]
-        layers: list[nn.Module] = [PaddedConv1d(config.latent_dim, width, 7, weight_norm=wn)]
-        layers += [ResidualUnit(width, dilation, weight_norm=wn) for dilation in config.bottleneck_dilations]
+        layers: list[nn.Module] = [PaddedConv1d(config.latent_dim, width, 7, weight_norm=norm)]
+        layers += [ResidualUnit(width, dilation, weight_norm=norm) for dilation in config.bottleneck_dilations]
+
         for index in reversed(range(len(config.strides))):
             width = config.channels[index]
-            layers += [nn.ELU(), TrimmedConvTranspose1d(config.channels[index + 1], width, config.strides[index], wn)]
-            layers += [ResidualUnit(width, dilation, weight_norm=wn) for dilation in config.dilations]
-        layers += [nn.ELU(), PaddedConv1d(config.channels[0], 1, 7, weight_norm=wn)]
+            upsample = TrimmedConvTranspose1d(config.channels[index + 1], width, config.strides[index], norm)
+            layers += [nn.ELU(), upsample]
+            layers += [ResidualUnit(width, dilation, weight_norm=norm) for dilation in config.dilations]
+        layers += [nn.ELU(), PaddedConv1d(config.channels[0], 1, 7, weight_norm=norm)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
