@@ -26,7 +26,8 @@ def test_read_modes(tmp_path, mode):
     sample = modality.read(path)
     assert sample.data.shape == (3, 30, 50)
     assert sample.data.dtype == torch.float32
-    assert 0 <= float(sample.data.min()) and float(sample.data.max()) <= 1
+    assert float(sample.data.min()) >= 0
+    assert float(sample.data.max()) <= 1
 
 
 def test_transparent_pixels_become_white(tmp_path):
