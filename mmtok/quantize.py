@@ -179,6 +179,10 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
         self._restart_dead_codes(flat)
 
+    # NOTE: a restarted code gets exactly restart_threshold as its count, so one decay
+    # step puts it below the threshold again and it is replaced each step until used.
+    # With few vectors per batch and a large codebook, lower the threshold (the audio
+    # tokenizer uses 0.25) until restarts get a grace period.
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         dead = self.cluster_size < self.restart_threshold
