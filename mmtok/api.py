@@ -53,9 +53,9 @@ def load_tokenizer(name_or_path: str, modality: str | None = None, device: torch
     """Load a tokenizer by name or path and check that it handles ``modality``."""
     model = load_cached(name_or_path, device)
     if not isinstance(model, Tokenizer):
-        raise MmtokError(f"{name_or_path}: is a {type(model).__name__}, not a tokenizer")
+        raise MmtokError(f"{name_or_path}: is not a tokenizer but a model of class {type(model).__name__}")
     if modality is not None and model.modality != modality:
-        raise MmtokError(f"{name_or_path}: is a {model.modality} tokenizer, but the input is {modality}")
+        raise MmtokError(f"{name_or_path}: is a tokenizer for {model.modality}, but the input is {modality}")
     return model
 
 
@@ -122,7 +122,7 @@ def load_generator(name_or_path: str = DEFAULT_GENERATOR, device: torch.device |
 
     model = load_cached(name_or_path, device)
     if not isinstance(model, Generator):
-        raise MmtokError(f"{name_or_path}: is a {type(model).__name__}, not a generator")
+        raise MmtokError(f"{name_or_path}: is not a generator but a model of class {type(model).__name__}")
     tokenizers = {}
     for entry in model.token_space.ranges.values():
         tokenizer_name = _tokenizer_name_for(name_or_path, entry.tokenizer)
@@ -166,6 +166,8 @@ def generate(
             f"generator {model!r} cannot generate {modality!r}; it knows {', '.join(sorted(tokenizers))}"
         )
     condition = None
+    if guidance and prompt is None:
+        raise MmtokError("--guidance needs a condition; pass --prompt or leave guidance at 0")
     if prompt is not None:
         if "text" not in tokenizers or modality == "text":
             raise MmtokError(f"generator {model!r} cannot condition {modality} on a text prompt")

@@ -51,7 +51,9 @@ def device_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def seed_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--seed", type=int, default=None, help="Random seed, for repeatable results.")(function)
+    return click.option(
+        "--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Random seed, for repeatable results."
+    )(function)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +77,15 @@ def _output_paths(inputs: list[Path], output: str | None, make_name: Callable[[P
     if output is None:
         return [make_name(path) for path in inputs]
     target = Path(output)
+    if output.endswith(("/", os.sep)) and not target.is_dir():
+        raise MmtokError(f"{output}: folder does not exist")
     if len(inputs) > 1:
         if not target.is_dir():
             raise click.UsageError(f"with several inputs, -o must be an existing folder; {target} is not one")
-        return [target / make_name(path).name for path in inputs]
+        targets = [target / make_name(path).name for path in inputs]
+        if len(set(targets)) != len(targets):
+            raise click.UsageError("several inputs share a file name, so their outputs would collide; use separate runs")
+        return targets
     if target.is_dir():
         return [target / make_name(inputs[0]).name]
     return [target]
@@ -162,9 +169,13 @@ def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> No
     outputs = _output_paths(inputs, output, _decoded_name)
 
     def decode_one(path: Path, target: Path | None) -> None:
+        tokens = Tokens.load(path)
+        modality_entry = get_plugin_manager().modality(tokens.modality)
+        if target is not None and not modality_entry.accepts(target):
+            # photo.mmtok or p.tok: no usable media suffix, so use the modality's own.
+            target = target.with_name(target.name + modality_entry.default_suffix)
         if target is not None and target.exists() and not force:
             raise MmtokError(f"{target}: file exists; pass --force to overwrite it")
-        tokens = Tokens.load(path)
         try:
             sample = api.decode_tokens(tokens, tokenizer_name, torch_device)
         except MmtokError as error:
@@ -203,7 +214,7 @@ def _numbered(path: Path, index: int, count: int) -> Path:
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling: keep the smallest set of ids with this total probability.")
 @click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
-@click.option("--guidance", type=float, default=0.0, show_default=True,
+@click.option("--guidance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Classifier-free guidance weight; 0 turns it off.")
 @click.option("--model", default="mmtok/generator", show_default=True, help="Generator name or path.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
@@ -216,7 +227,15 @@ def generate(modality, output, count, steps, sampler, temperature, top_p, prompt
     from mmtok.plugins import get_plugin_manager
 
     entry = get_plugin_manager().modality(modality)
+    if output is not None and str(output) == STDOUT:
+        raise click.UsageError("generate writes files; give -o a file name such as out" + entry.default_suffix)
     output = output or Path(f"generated-{modality}{entry.default_suffix}")
+    if output.is_dir():
+        output = output / f"generated-{modality}{entry.default_suffix}"
+    if not entry.accepts(output):
+        output = output.with_name(output.name + entry.default_suffix)
+    if not output.parent.is_dir():
+        raise MmtokError(f"{output}: folder {output.parent} does not exist")
     targets = [_numbered(output, index, count) for index in range(count)]
     existing = [str(target) for target in targets if target.exists()]
     if existing and not force:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import safetensors.torch
 import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 from torch import nn
 
 from mmtok.errors import MmtokError
@@ -232,7 +232,7 @@ def read_config(name_or_path: str, **kwargs: Any) -> dict[str, Any]:
     else:
         try:
             path = Path(hf_hub_download(resolved, CONFIG_NAME, subfolder=subfolder, **kwargs))
-        except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as error:
+        except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as error:
             raise MmtokError(
                 f"{name_or_path}: not a folder, not a bundled model, and not fetched from the Hub ({error})"
             ) from error

@@ -80,7 +80,11 @@ class Modality:
     def save(self, sample: Sample, path: Path, *, force: bool = False) -> None:
         """Write ``sample`` atomically: to a temporary file first, renamed on success."""
         with atomic_output(Path(path), force=force) as temporary:
-            self.write(sample, temporary)
+            try:
+                self.write(sample, temporary)
+            except MmtokError as error:
+                # Name the user's path, not the temporary file beside it.
+                raise MmtokError(str(error).replace(str(temporary), str(path))) from error
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def test_decode_with_wrong_tokenizer(picture, tmp_path):
     assert run("encode", str(picture)).exit_code == 0
     result = run("decode", str(picture) + ".mmtok", "--tokenizer", "mmtok/text-tokenizer", "-o", str(tmp_path / "x.png"))
     assert result.exit_code == 1
-    assert "text tokenizer" in result.output
+    assert "tokenizer for text" in result.output
 
 
 def test_plugins_listing():
@@ -173,3 +173,40 @@ def test_console_script_exit_codes(tmp_path):
     assert "missing.png: file not found" in process.stderr
     usage = subprocess.run([sys.executable, "-m", "mmtok.cli", "encode"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_decode_adds_modality_suffix(picture, tmp_path):
+    token_file = tmp_path / "photo.mmtok"
+    assert run("encode", str(picture), "-o", str(token_file)).exit_code == 0
+    result = run("decode", str(token_file))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "photo.decoded.png").is_file()
+
+
+def test_generate_output_without_suffix(tmp_path):
+    result = run("generate", "--modality", "text", "-o", str(tmp_path / "out"), "--steps", "2", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.txt").is_file()
+
+
+def test_generate_guidance_needs_prompt(tmp_path):
+    result = run("generate", "--modality", "image", "--guidance", "2", "-o", str(tmp_path / "g.png"))
+    assert result.exit_code == 1
+    assert "--prompt" in result.output
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_same_names_into_folder_rejected(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "n.txt").write_text(f"text from {folder}")
+    (tmp_path / "out").mkdir()
+    result = run("encode", str(tmp_path / "a" / "n.txt"), str(tmp_path / "b" / "n.txt"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_missing_model_folder(tmp_path):
+    result = run("info", str(tmp_path / "nosuch"))
+    assert result.exit_code == 1
+    assert "nosuch" in result.output

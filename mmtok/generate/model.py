@@ -403,7 +403,7 @@ class Generator(HubModel):
             condition: ``(modality, local_ids)`` segments to condition on, shared by all
                 samples, in the order used in training.
             guidance: classifier-free guidance weight ``w``. The logits become
-                ``(1 + w) * conditional - w * unconditional``; 0 turns guidance off.
+                ``(1 + w) * conditional - w * unconditional``, and 0 turns guidance off.
             show_progress: show a progress bar on stderr.
 
         Returns:
