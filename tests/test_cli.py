@@ -210,3 +210,16 @@ def test_missing_model_folder(tmp_path):
     result = run("info", str(tmp_path / "nosuch"))
     assert result.exit_code == 1
     assert "nosuch" in result.output
+
+
+def test_decode_rejects_inflated_audio_length(speech, tmp_path):
+    from mmtok import Tokens
+
+    assert run("encode", str(speech), "-o", str(tmp_path / "s.mmtok")).exit_code == 0
+    tokens = Tokens.load(tmp_path / "s.mmtok")
+    tokens.metadata["samples"] = 99_999_999_999
+    tokens.save(tmp_path / "big.mmtok")
+    result = run("decode", str(tmp_path / "big.mmtok"), "-o", str(tmp_path / "big.wav"))
+    assert result.exit_code == 1
+    assert "claims 99999999999 samples" in result.output
+    assert not (tmp_path / "big.wav").exists()

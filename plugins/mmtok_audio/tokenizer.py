@@ -232,6 +232,13 @@ class AudioTokenizer(Tokenizer):
         if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
             raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
         sample_rate, samples, channels = _decode_metadata(tokens.metadata)
+        # Edited metadata must not make decode allocate far more than the codes describe;
+        # one frame of slack covers rounding in encoding's resampling and padding.
+        longest = math.ceil((codes.shape[1] + 1) * self.hop_length * sample_rate / self.sample_rate)
+        if samples > longest:
+            raise MmtokError(f"token metadata claims {samples} samples, but {codes.shape[1]} frames decode to at most {longest}")
+        if channels > 1024:
+            raise MmtokError(f"token metadata claims {channels} channels; at most 1024 are supported")
         device = next(self.parameters()).device
         wave = self.decode_tensor(codes.unsqueeze(0).to(device))[0, 0].float().cpu()  # (F * hop,)
         if sample_rate != self.sample_rate:
