@@ -227,8 +227,8 @@ class AudioTokenizer(Tokenizer):
 
         The decoded mono signal is repeated to every original channel.
         """
-        # NOTE: the bundled weights (1500 CPU steps) restore length and loudness envelope
-        # only; the waveform does not yet resemble the input (validation SI-SNR -44 dB).
+        # NOTE: the bundled weights (1500 CPU steps) restore the length exactly, but the
+        # waveform does not yet resemble the input (validation SI-SNR -44 dB).
         self.check_tokens(tokens, high=self.codebook_size)
         codes = tokens.codes
         if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
