@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_GENERATOR = "mmtok/generator"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Map ``auto``, ``cpu`` or ``cuda`` (optionally ``cuda:N``) to a torch device."""
+    device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -87,6 +87,17 @@ class Modality:
                 raise MmtokError(str(error).replace(str(temporary), str(path))) from error
 
 
+def check_input_file(path: Path) -> int:
+    """Raise :class:`MmtokError` unless ``path`` is a non-empty file; return its size in bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmtokError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise MmtokError(f"{path}: file is empty")
+    return size
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` and rename it to ``path`` on success.

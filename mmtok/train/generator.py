@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mmtok.api import resolve_device
 from mmtok.errors import MmtokError
 from mmtok.generate.model import T_MIN, Generator
 from mmtok.generate.sequence import Batch, Example, build_batch, group_by_layout
@@ -28,13 +29,6 @@ logger = logging.getLogger(__name__)
 # variance of the estimate, not its expectation.
 FINAL_T_SAMPLES = 16
 CHECKPOINT_T_SAMPLES = 4
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Map ``"auto"`` to CUDA when available, else to CPU. Other names pass through."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup_steps: int, minimum_ratio: float = 0.1) -> float:

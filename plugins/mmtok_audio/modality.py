@@ -9,7 +9,7 @@ import soundfile
 import torch
 
 from mmtok.errors import MmtokError
-from mmtok.modality import Modality, Sample
+from mmtok.modality import Modality, Sample, check_input_file
 
 # libsndfile reads MP3 from version 1.1.0 on; older builds lack the format.
 _MP3_AVAILABLE = "MP3" in soundfile.available_formats()
@@ -39,10 +39,7 @@ class AudioModality(Modality):
 
     def read(self, path: Path) -> Sample:
         path = Path(path)
-        if not path.is_file():
-            raise MmtokError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise MmtokError(f"{path}: file is empty")
+        check_input_file(path)
         try:
             with soundfile.SoundFile(str(path)) as handle:
                 sample_rate = int(handle.samplerate)

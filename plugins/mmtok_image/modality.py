@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmtok import MmtokError, Modality, Sample
+from mmtok.modality import check_input_file
 
 # Images with more pixels are rejected before their pixel data is decoded, so a
 # decompression bomb cannot exhaust memory. Override with MMTOK_MAX_IMAGE_PIXELS.
@@ -58,10 +59,7 @@ class ImageModality(Modality):
 
     def read(self, path: Path) -> Sample:
         path = Path(path)
-        if not path.is_file():
-            raise MmtokError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise MmtokError(f"{path}: file is empty")
+        check_input_file(path)
         limit = max_pixels()
         try:
             with warnings.catch_warnings():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmtok import MmtokError, Modality, Sample
+from mmtok.modality import check_input_file
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
@@ -22,11 +23,7 @@ class TextModality(Modality):
 
     def read(self, path: Path) -> Sample:
         path = Path(path)
-        if not path.is_file():
-            raise MmtokError(f"{path}: file not found")
-        size = path.stat().st_size
-        if size == 0:
-            raise MmtokError(f"{path}: file is empty")
+        size = check_input_file(path)
         if size > MAX_TEXT_BYTES:
             raise MmtokError(f"{path}: file has {size} bytes, over the limit of {MAX_TEXT_BYTES}")
         raw = path.read_bytes()
