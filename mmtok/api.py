@@ -103,7 +103,7 @@ def decode_tokens(
     """Decode tokens with the given tokenizer, or the one recorded in them."""
     if tokenizer is None:
         # NOTE: the name comes from the token file, so a downloaded file can make decode
-        # load any folder or Hub repo it names; the weights-hash check runs only after.
+        # load any folder or Hub repo it names. The weights-hash check runs only after that.
         tokenizer = tokens.tokenizer
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, tokens.modality, device)

@@ -1,7 +1,7 @@
 """Training and evaluation of the masked-diffusion generator.
 
 Training minimises the continuous-time ELBO of :meth:`mmtok.generate.Generator.loss` with
-AdamW and a linear-warmup, cosine-decay learning rate. Each batch holds examples of one
+AdamW and a linear-warmup, cosine-decay learning rate. Each batch contains examples of one
 segment order. The batch contents and the diffusion noise of a step are functions of
 ``(seed, step)``, so a resumed run draws the same batches as an uninterrupted one.
 """
