@@ -209,6 +209,24 @@ def test_read_corrupt_file_raises(tmp_path):
         AudioModality().read(path)
 
 
+def test_read_truncated_wav_raises(tmp_path):
+    path = tmp_path / "cut.wav"
+    soundfile.write(path, tone(16000, 1000, 1), 16000, subtype="PCM_16")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MmtokError, match=r"cut.wav: file is truncated: its header declares 2000 bytes"):
+        AudioModality().read(path)
+
+
+def test_read_truncated_flac_raises(tmp_path):
+    path = tmp_path / "cut.flac"
+    soundfile.write(path, tone(16000, 1000, 1), 16000, subtype="PCM_16")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MmtokError, match="cut.flac: not a readable audio file"):
+        AudioModality().read(path)
+
+
 def test_read_nan_samples_raises(tmp_path):
     path = tmp_path / "nan.wav"
     data = tone(16000, 1000, 1)

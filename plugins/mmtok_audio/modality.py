@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,12 @@ from mmtok.modality import Modality, Sample, check_input_file
 # libsndfile reads MP3 from version 1.1.0 on; older builds lack the format.
 _MP3_AVAILABLE = "MP3" in soundfile.available_formats()
 
+# libsndfile reads a WAV whose data chunk is cut short without error, and notes the
+# mismatch in its log as "data : DECLARED (should be PRESENT)".
+_SHORT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Declared sizes that writers use when the length was unknown while streaming.
+_STREAMING_SIZES = {0, 0x7FFFFFFF, 0xFFFFFFFF}
+
 # Format and subtype that `write` uses for each suffix. Lossless files are 16-bit PCM,
 # which is what most players and datasets expect.
 _WRITE_FORMATS = {
@@ -23,6 +30,18 @@ _WRITE_FORMATS = {
 }
 if _MP3_AVAILABLE:
     _WRITE_FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
+
+
+def _check_not_truncated(path: Path, log: str) -> None:
+    """Reject a file whose header declares more audio data than the file holds."""
+    match = _SHORT_DATA_CHUNK.search(log)
+    if match is None:
+        return
+    declared, present = int(match.group(1)), int(match.group(2))
+    if declared > present and declared not in _STREAMING_SIZES:
+        raise MmtokError(
+            f"{path}: file is truncated: its header declares {declared} bytes of audio data, but only {present} are present"
+        )
 
 
 class AudioModality(Modality):
@@ -45,8 +64,10 @@ class AudioModality(Modality):
                 sample_rate = int(handle.samplerate)
                 subtype = str(handle.subtype)
                 frames = handle.read(dtype="float32", always_2d=True)  # (samples, channels)
+                log = handle.extra_info
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
             raise MmtokError(f"{path}: not a readable audio file ({error})") from error
+        _check_not_truncated(path, log)
         if frames.shape[0] == 0:
             raise MmtokError(f"{path}: audio file contains no samples")
         if not np.isfinite(frames).all():
