@@ -33,7 +33,7 @@ if _MP3_AVAILABLE:
 
 
 def _check_not_truncated(path: Path, log: str) -> None:
-    """Reject a file whose header declares more audio data than the file holds."""
+    """Reject a file whose header declares more audio data than the file contains."""
     match = _SHORT_DATA_CHUNK.search(log)
     if match is None:
         return
