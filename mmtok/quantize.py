@@ -237,11 +237,14 @@ class ResidualVectorQuantizer(nn.Module):
         for layer in self.layers[:levels]:
             output = layer(residual)
             residual = residual - output.quantized.detach()
-            quantized = quantized + output.quantized
+            quantized = quantized + output.quantized.detach()
             codes.append(output.codes)
             losses.append(output.loss)
             usages.append(output.usage)
             perplexities.append(output.perplexity)
+        # One straight-through term for the whole stack, so the gradient reaches z once
+        # instead of once per level. Adding the exact zero keeps the value equal to lookup(codes).
+        quantized = quantized + (z - z.detach())
         return QuantizerOutput(
             torch.stack(codes, dim=-1),
             quantized,

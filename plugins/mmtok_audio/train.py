@@ -38,9 +38,11 @@ from mmtok_audio.tokenizer import AudioTokenizer
 
 logger = logging.getLogger(__name__)
 
-# Weights of the reconstruction terms. The waveform L1 is small next to the spectral terms,
-# as EnCodec weights its time-domain loss 0.1 against 1 for the frequency-domain loss.
-WAVE_L1_WEIGHT = 0.1
+# Weights of the reconstruction terms. The STFT and log-mel terms ignore phase, and
+# without an adversarial loss only the waveform L1 makes the output follow the input's
+# waveform. EnCodec's weight of 0.1 left it uncorrelated with the input here (SI-SNR
+# -34 dB after 400 steps); 40 reached -10 dB with an equal log-mel distance.
+WAVE_L1_WEIGHT = 40.0
 STFT_WEIGHT = 1.0
 MEL_WEIGHT = 1.0
 
