@@ -14,6 +14,7 @@ Reproduce the bundled generator with::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mmtok.errors import MmtokError
@@ -67,6 +69,67 @@ def windows(sequence: torch.Tensor, length: int, variable_length: bool) -> list[
     return pieces[:MAX_WINDOWS_PER_ITEM]
 
 
+def tokenize_rows(
+    data_dir: Path,
+    modality: str,
+    split: str,
+    tokenizer: Tokenizer,
+    options: dict[str, Any],
+    rows: list[dict[str, Any]],
+    cache_dir: Path | None = None,
+) -> list[torch.Tensor | None]:
+    """Return the flattened sequence of each manifest row, ``None`` for an unreadable file.
+
+    With ``cache_dir``, the sequences are stored in one safetensors file per modality,
+    split, tokenizer weights hash and sequence options, and read back on later runs, so
+    retraining a generator does not tokenize unchanged data again. The key also covers
+    the rows themselves, so an edited manifest is tokenized afresh.
+    """
+    key = json.dumps([modality, split, tokenizer.weights_hash(), options, rows], sort_keys=True, default=str)
+    cache_path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        cache_path = Path(cache_dir) / f"{modality}-{split}-{digest}.safetensors"
+        if cache_path.is_file():
+            stored = load_file(str(cache_path))
+            lengths = stored["lengths"].tolist()
+            pieces = torch.split(stored["ids"], [max(length, 0) for length in lengths])
+            logger.info("read %d %s %s sequences from %s", len(lengths), modality, split, cache_path)
+            return [piece if length >= 0 else None for piece, length in zip(pieces, lengths)]
+
+    reader = get_plugin_manager().modality(modality)
+    sequences: list[torch.Tensor | None] = []
+    for row in tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False):
+        if "file" in row:
+            path = Path(data_dir) / modality / row["file"]
+            try:
+                sample = reader.read(path)
+            except MmtokError as error:
+                logger.warning("skipping %s", error)
+                sequences.append(None)
+                continue
+        elif "text" in row:
+            sample = Sample(row["text"])
+        else:
+            raise MmtokError(f"{data_dir}/{modality}/{split}.jsonl: a row has neither 'file' nor 'text'")
+        with torch.no_grad():
+            sequences.append(tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64))
+
+    if cache_path is not None:
+        # A length of -1 marks a row whose file could not be read.
+        lengths = torch.tensor([-1 if ids is None else len(ids) for ids in sequences], dtype=torch.int64)
+        readable = [ids for ids in sequences if ids is not None]
+        ids = torch.cat(readable) if readable else torch.zeros(0, dtype=torch.int64)
+        temporary = cache_path.with_suffix(".tmp")
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"ids": ids, "lengths": lengths}, str(temporary))
+            temporary.replace(cache_path)
+        except OSError as error:
+            logger.warning("writing the token cache %s failed: %s", cache_path, error)
+    return sequences
+
+
 def build_examples(
     data_dir: Path,
     split: str,
@@ -76,31 +139,20 @@ def build_examples(
     variable_length: list[str],
     max_items: int | None = None,
     seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> list[Example]:
-    """Tokenize every item of ``split`` into generator examples."""
-    manager = get_plugin_manager()
+    """Tokenize every item of ``split`` into generator examples (sequences cached in ``cache_dir``)."""
     random_state = random.Random(seed)
     text = tokenizers.get("text")
     examples: list[Example] = []
     for modality, tokenizer in tokenizers.items():
         rows = read_manifest(data_dir, modality, split)[:max_items]
-        reader = manager.modality(modality)
         length = sequence_lengths[modality]
         options = sequence_options.get(modality, {})
-        for row in tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False):
-            if "file" in row:
-                path = Path(data_dir) / modality / row["file"]
-                try:
-                    sample = reader.read(path)
-                except MmtokError as error:
-                    logger.warning("skipping %s", error)
-                    continue
-            elif "text" in row:
-                sample = Sample(row["text"])
-            else:
-                raise MmtokError(f"{data_dir}/{modality}/{split}.jsonl: a row has neither 'file' nor 'text'")
-            with torch.no_grad():
-                sequence = tokenizer.to_sequence(tokenizer.encode(sample).codes, **options)
+        sequences = tokenize_rows(data_dir, modality, split, tokenizer, options, rows, cache_dir)
+        for row, sequence in zip(rows, sequences):
+            if sequence is None:
+                continue
             caption = row.get("caption") if text is not None and modality != "text" else None
             for piece in windows(sequence, length, modality in variable_length):
                 if caption:
@@ -159,8 +211,9 @@ def train_generator_from_folder(
         ]
     )
     arguments = (tokenizers, sequence_lengths, sequence_options, variable_length)
-    examples = build_examples(data_dir, "train", *arguments, max_items=max_items, seed=seed)
-    validation = build_examples(data_dir, "val", *arguments, max_items=max_items, seed=seed + 1)
+    cache_dir = Path(data_dir) / ".cache" / "generator-tokens"
+    examples = build_examples(data_dir, "train", *arguments, max_items=max_items, seed=seed, cache_dir=cache_dir)
+    validation = build_examples(data_dir, "val", *arguments, max_items=max_items, seed=seed + 1, cache_dir=cache_dir)
     logger.info("built %d training and %d validation examples", len(examples), len(validation))
     model_args["sequence_options"] = sequence_options
     return train_generator(
