@@ -130,11 +130,15 @@ class TextTokenizer(Tokenizer):
         return 32, {}
 
     def card_variables(self) -> dict:
+        measured = self.metrics.get("val_characters_per_token")
+        token_rate = "variable"
+        if measured is not None:
+            token_rate = f"variable, {measured} characters per token on the validation text"
         return {
             "modality": "text",
             "architecture": f"SentencePiece unigram model with byte fallback, {self.vocab_size} pieces",
             "vocab_size": self.vocab_size,
-            "token_rate": "variable, about 3-4 characters per token on English",
+            "token_rate": token_rate,
             "example_suffix": ".txt",
         }
 
