@@ -9,6 +9,7 @@ from mmtok.quantize import QuantizerOutput, ResidualVectorQuantizer, VectorQuant
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import TokenSpace, Tokens
 from mmtok.generate import Generator  # noqa: E402  (imports mmtok.hub and mmtok.tokens)
+from mmtok.pipeline import Pipeline  # noqa: E402  (imports mmtok.generate)
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "HubModel",
     "MmtokError",
     "Modality",
+    "Pipeline",
     "PluginError",
     "QuantizerOutput",
     "ResidualVectorQuantizer",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from mmtok.modality import Sample
 from mmtok.plugins import get_plugin_manager
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import Tokens
+
+if TYPE_CHECKING:
+    from mmtok.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -115,36 +118,21 @@ def write_sample(sample: Sample, modality: str, path: Path, *, force: bool = Fal
     get_plugin_manager().modality(modality).save(sample, Path(path), force=force)
 
 
-def load_generator(name_or_path: str = DEFAULT_GENERATOR, device: torch.device | str = "cpu"):
-    """Load a generator together with the tokenizers of its vocabulary.
+_pipelines: dict[tuple[str, str], "Pipeline"] = {}
 
-    Returns ``(generator, {modality: tokenizer})``. Each tokenizer is loaded by the name
-    recorded in the generator's token space and must match its size and weights hash.
+
+def load_pipeline(name_or_path: str = DEFAULT_GENERATOR, device: torch.device | str = "cpu") -> "Pipeline":
+    """Load a pipeline, or a bare generator with its recorded tokenizers, once per process and device.
+
+    Every tokenizer must match the vocabulary size and weights hash that the generator
+    recorded for its modality.
     """
-    from mmtok.generate import Generator
+    from mmtok.pipeline import Pipeline
 
-    model = load_cached(name_or_path, device)
-    if not isinstance(model, Generator):
-        raise MmtokError(f"{name_or_path}: is not a generator but a model of class {type(model).__name__}")
-    tokenizers = {}
-    for entry in model.token_space.ranges.values():
-        tokenizer_name = _tokenizer_name_for(name_or_path, entry.tokenizer)
-        tokenizer = load_tokenizer(tokenizer_name, entry.modality, device)
-        model.check_tokenizer(entry.modality, tokenizer)
-        tokenizers[entry.modality] = tokenizer
-    return model, tokenizers
-
-
-def _tokenizer_name_for(generator_name: str, tokenizer_name: str) -> str:
-    """Resolve a tokenizer name stored in a generator: relative names are subfolders."""
-    from mmtok.hub import resolve_name
-
-    generator_folder = Path(resolve_name(generator_name))
-    if tokenizer_name.startswith("./"):
-        candidate = generator_folder.parent / tokenizer_name[2:]
-        if candidate.is_dir():
-            return str(candidate)
-    return tokenizer_name
+    key = (str(name_or_path), str(device))
+    if key not in _pipelines:
+        _pipelines[key] = Pipeline.from_pretrained(str(name_or_path)).to(device)
+    return _pipelines[key]
 
 
 def generate(
@@ -152,48 +140,12 @@ def generate(
     n: int = 1,
     *,
     model: str = DEFAULT_GENERATOR,
-    steps: int = 32,
-    sampler: str = "confidence",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    prompt: str | None = None,
-    guidance: float = 0.0,
     device: torch.device | str = "cpu",
-    show_progress: bool = False,
+    **options: Any,
 ) -> list[Sample]:
-    """Generate ``n`` samples of ``modality``, optionally conditioned on a text prompt."""
-    generator, tokenizers = load_generator(model, device)
-    if modality not in tokenizers:
-        raise MmtokError(
-            f"generator {model!r} cannot generate {modality!r}; it knows {', '.join(sorted(tokenizers))}"
-        )
-    condition = None
-    if guidance and prompt is None:
-        raise MmtokError("--guidance needs a condition; pass --prompt or leave guidance at 0")
-    if prompt is not None:
-        if "text" not in tokenizers or modality == "text":
-            raise MmtokError(f"generator {model!r} cannot condition {modality} on a text prompt")
-        if not generator.supports_condition("text", modality):
-            raise MmtokError(f"generator {model!r} was not trained to generate {modality} from text")
-        condition = [("text", tokenizers["text"].to_sequence(tokenizers["text"].encode(Sample(prompt)).codes))]
-    sequences = generator.generate(
-        modality,
-        n,
-        steps=steps,
-        sampler=sampler,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        condition=condition,
-        guidance=guidance,
-        show_progress=show_progress,
-    )
-    tokenizer = tokenizers[modality]
-    options: dict[str, Any] = generator.sequence_options.get(modality, {})
-    samples = []
-    for ids in sequences:
-        codes = tokenizer.from_sequence(ids.cpu(), **options)
-        tokens = tokenizer.make_tokens(codes, tokenizer.generation_metadata(len(ids), **options))
-        samples.append(tokenizer.decode(tokens))
-    return samples
+    """Generate ``n`` samples of ``modality`` with a generator or pipeline, loaded once per process.
+
+    ``options`` are those of :meth:`mmtok.Pipeline.generate`: ``steps``, ``sampler``,
+    ``temperature``, ``top_p``, ``seed``, ``prompt``, ``guidance`` and ``show_progress``.
+    """
+    return load_pipeline(model, device).generate(modality, n, **options)

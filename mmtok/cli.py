@@ -216,7 +216,8 @@ def _numbered(path: Path, index: int, count: int) -> Path:
 @click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
 @click.option("--guidance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Classifier-free guidance weight; 0 turns it off.")
-@click.option("--model", default="mmtok/generator", show_default=True, help="Generator name or path.")
+@click.option("--model", default="mmtok/generator", show_default=True,
+              help="Generator or pipeline: a bundled name, a folder or a Hub repo id.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @seed_option
 @device_option
@@ -285,46 +286,127 @@ def plugins(as_json: bool) -> None:
 
 
 def _folder_size(path: Path) -> int:
+    """Return the bytes of a model folder's files, following the Hub cache's links to blobs."""
     if not path.is_dir():
         return 0
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file() and "checkpoint" not in file.parts)
+    return sum(
+        file.stat().st_size
+        for file in path.rglob("*")
+        if file.is_file() and "checkpoint" not in file.parts and not file.name.startswith(".")
+    )
+
+
+def _model_details(model: Any, folder: Path) -> dict[str, Any]:
+    from mmtok.generate import Generator
+    from mmtok.tokenizer import Tokenizer
+
+    variables = model.card_variables()
+    kind = "model"
+    if isinstance(model, Tokenizer):
+        kind = "tokenizer"
+    elif isinstance(model, Generator):
+        kind = "generator"
+    return {
+        "kind": kind,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "architecture": variables.get("architecture", type(model).__name__),
+        "modality": variables.get("modality"),
+        "vocab_size": variables.get("vocab_size"),
+        "token_rate": variables.get("token_rate"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_hash": model.weights_hash(),
+        "size_on_disk_bytes": _folder_size(folder),
+        "metrics": model.metrics,
+    }
+
+
+def _echo_details(details: dict[str, Any], indent: str = "") -> None:
+    for key, value in details.items():
+        if isinstance(value, dict):
+            click.echo(f"{indent}{key}:")
+            _echo_details(value, indent + "  ")
+        elif isinstance(value, list):
+            click.echo(f"{indent}{key}: {', '.join(str(item) for item in value)}")
+        elif value is not None:
+            click.echo(f"{indent}{key}: {value}")
 
 
 @cli.command()
 @click.argument("name")
+@click.option("--revision", help="Hub branch, tag or commit (default: the main branch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @handle_errors
-def info(name: str, as_json: bool) -> None:
-    """Describe a model: class, modality, vocabulary, token rate, metrics and size."""
-    from mmtok.hub import load_model, resolve_name
+def info(name: str, revision: str | None, as_json: bool) -> None:
+    """Describe a model or pipeline: architecture, modality, vocabulary, token rate, metrics, size.
 
-    model = load_model(name)
-    variables = model.card_variables()
-    details = {
-        "name": name,
-        "class": type(model).__name__,
-        "modality": variables.get("modality", getattr(model, "modality", "multimodal")),
-        "architecture": variables.get("architecture", type(model).__name__),
-        "vocab_size": variables.get("vocab_size", getattr(model, "vocab_size", None)),
-        "token_rate": variables.get("token_rate"),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_hash": model.weights_hash(),
-        "size_on_disk_bytes": _folder_size(Path(resolve_name(name))),
-        "metrics": model.metrics,
-    }
+    NAME is a bundled name, a folder or a Hub repo id.
+    """
+    from mmtok.hub import fetch_file, load_model, model_folder
+    from mmtok.pipeline import INDEX_NAME, Pipeline, read_index
+
+    index = read_index(name, revision=revision)
+    if index is None:
+        model = load_model(name, revision=revision)
+        details = {"name": name, **_model_details(model, model_folder(name, revision=revision))}
+    else:
+        pipeline = Pipeline.from_pretrained(name, revision=revision)
+        root = fetch_file(name, INDEX_NAME, revision=revision).parent
+        components = {
+            subfolder: {"subfolder": subfolder, **_model_details(model, root / subfolder)}
+            for subfolder, model in pipeline.components().items()
+        }
+        details = {
+            "name": name,
+            "kind": "pipeline",
+            "modality": pipeline.modalities,
+            "size_on_disk_bytes": _folder_size(root),
+            "components": components,
+        }
     if as_json:
         click.echo(json.dumps(details, indent=2, default=str))
         return
-    for key, value in details.items():
-        if key == "metrics":
-            click.echo("metrics:")
-            for metric, number in value.items():
-                click.echo(f"  {metric}: {number}")
-        elif value is not None:
-            click.echo(f"{key}: {value}")
+    _echo_details(details)
+
+
+@cli.command("export-pipeline")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--model", default="mmtok/generator", show_default=True,
+              help="Generator or pipeline to export: a bundled name, a folder or a Hub repo id.")
+@click.option("--tokenizer", "tokenizers", multiple=True, metavar="MODALITY=NAME",
+              help="Tokenizer for a modality in place of the one the generator records; repeatable. "
+                   "It must have the recorded weights hash.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT when it is an earlier pipeline folder.")
+@handle_errors
+def export_pipeline(output: Path, model: str, tokenizers: tuple[str, ...], force: bool) -> None:
+    """Save a generator and the tokenizers it was trained with as one pipeline folder.
+
+    OUTPUT gets pipeline.json, a model card and one subfolder per model; push it with
+    `mmtok push OUTPUT REPO_ID` and generate from it with `mmtok generate --model`.
+    """
+    from mmtok.pipeline import Pipeline, read_index
+
+    chosen = _parse_assignments(tokenizers, "--tokenizer", "MODALITY=NAME")
+    if read_index(model) is None:
+        pipeline = Pipeline.from_generator(model, chosen)
+    else:
+        loaded = Pipeline.from_pretrained(model)
+        pipeline = Pipeline.from_generator(loaded.generator, {**loaded.tokenizers, **chosen}) if chosen else loaded
+    pipeline.save_pretrained(output, force=force)
+    click.echo(str(output), err=True)
 
 
 # train ---------------------------------------------------------------------------------
+
+
+def _parse_assignments(values: tuple[str, ...], option: str, metavar: str) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options into a dict; raise a usage error naming ``option``."""
+    parsed = {}
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator or not key or not text:
+            raise click.BadParameter(f"{value!r} is not {metavar}", param_hint=option)
+        parsed[key] = text
+    return parsed
 
 
 def _parse_model_args(values: tuple[str, ...]) -> dict[str, Any]:
@@ -403,12 +485,7 @@ def train_generator_command(modalities: str, tokenizers: tuple[str, ...], data_d
     """Train the masked-diffusion generator on tokenized data."""
     from mmtok.train.generator_data import train_generator_from_folder
 
-    chosen = {}
-    for value in tokenizers:
-        modality, separator, name = value.partition("=")
-        if not separator:
-            raise click.BadParameter(f"{value!r} is not MODALITY=NAME", param_hint="--tokenizer")
-        chosen[modality] = name
+    chosen = _parse_assignments(tokenizers, "--tokenizer", "MODALITY=NAME")
     options = _collect_training_options(**values)
     model = train_generator_from_folder(
         data_dir, output_dir, [m.strip() for m in modalities.split(",") if m.strip()], chosen, **options
@@ -422,27 +499,27 @@ def train_generator_command(modalities: str, tokenizers: tuple[str, ...], data_d
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--revision", help="Branch to push to (created when missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist yet).")
+@click.option("--revision", help="Branch to push to, created when missing (default: main).")
 @click.option("--message", default="Upload with mmtok push", show_default=True, help="Commit message.")
 @handle_errors
 def push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str) -> None:
-    """Upload a saved model or pipeline folder to the Hugging Face Hub."""
+    """Upload a saved model or pipeline folder to the Hugging Face Hub in one commit.
+
+    Model cards are rendered again with REPO_ID; checkpoints, hidden files and pickles
+    stay behind. Log in first with `hf auth login` or set HF_TOKEN. Prints the commit URL.
+    """
     from mmtok.hub import push_folder
 
     url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=message)
     click.echo(url)
 
 
-def _add_plugin_commands() -> None:
-    from mmtok.plugins import get_plugin_manager
-
-    get_plugin_manager().hooks.hook.register_commands(cli=cli)
-
-
 def main() -> None:
     """Entry point of the ``mmtok`` console script."""
-    _add_plugin_commands()
+    from mmtok.plugins import get_plugin_manager
+
+    get_plugin_manager().add_commands(cli)
     cli()
 
 

@@ -7,8 +7,12 @@ import os
 # The Hub is never reached from tests; huggingface_hub reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import hashlib
+import http.server
 import shutil
 import subprocess
+import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +96,133 @@ def notes(tmp_path: Path) -> Path:
     path = tmp_path / "notes.txt"
     path.write_bytes("Notes:\n\tcafé  naïve 中文 😀\r\n  two  spaces\n\n".encode("utf-8"))
     return path
+
+
+# The Hugging Face Hub, on loopback ---------------------------------------------------------
+
+
+class FakeHub:
+    """A loopback HTTP server that serves huggingface_hub's file requests as the Hub does.
+
+    It serves ``/{repo_id}/resolve/{revision}/{path}`` for HEAD and GET from local
+    folders, with the headers ``hf_hub_download`` reads (``X-Repo-Commit``, ``ETag``,
+    ``Content-Length``), and the Hub's ``X-Error-Code`` values for a missing repository,
+    revision or file. Every request path is recorded in ``requests``.
+    """
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Path] = {}
+        self.commits: dict[str, str] = {}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                hub.respond(self, send_body=False)
+
+            def do_GET(self) -> None:
+                hub.respond(self, send_body=True)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, repo_id: str, folder: Path) -> str:
+        """Serve ``folder`` as the main branch of ``repo_id``; return its commit hash."""
+        self.repos[repo_id] = Path(folder)
+        self.commits[repo_id] = hashlib.sha1(repo_id.encode()).hexdigest()
+        return self.commits[repo_id]
+
+    def respond(self, handler: http.server.BaseHTTPRequestHandler, send_body: bool) -> None:
+        self.requests.append(handler.path)
+        parts = urllib.parse.unquote(handler.path).split("/", 5)
+        if len(parts) < 6 or parts[3] != "resolve":
+            return self.send_hub_error(handler, "EntryNotFound")
+        repo_id, revision, path = f"{parts[1]}/{parts[2]}", parts[4], parts[5]
+        if repo_id not in self.repos:
+            return self.send_hub_error(handler, "RepoNotFound")
+        if revision not in ("main", self.commits[repo_id]):
+            return self.send_hub_error(handler, "RevisionNotFound")
+        file = self.repos[repo_id] / path
+        if not file.is_file():
+            return self.send_hub_error(handler, "EntryNotFound")
+        content = file.read_bytes()
+        handler.send_response(200)
+        handler.send_header("X-Repo-Commit", self.commits[repo_id])
+        handler.send_header("ETag", '"' + hashlib.sha256(content).hexdigest() + '"')
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        if send_body:
+            handler.wfile.write(content)
+
+    @staticmethod
+    def send_hub_error(handler: http.server.BaseHTTPRequestHandler, code: str) -> None:
+        handler.send_response(404)
+        handler.send_header("X-Error-Code", code)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Point huggingface_hub at a FakeHub on 127.0.0.1 with offline mode off, for one test."""
+    import huggingface_hub.constants as constants
+
+    hub = FakeHub()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    yield hub
+    hub.stop()
+
+
+CACHE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class HubCache:
+    """A huggingface_hub cache folder that tests fill as huggingface_hub lays it out."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, repo_id: str, source: Path, branch: str = "main", commit: str = CACHE_COMMIT) -> Path:
+        """Copy the folder tree ``source`` into the cache as ``branch`` of ``repo_id``.
+
+        Files go to ``blobs/<sha256>``, ``snapshots/<commit>/<path>`` links to them and
+        ``refs/<branch>`` contains the commit hash. Returns the snapshot folder.
+        """
+        repo = self.path / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / branch).write_text(commit)
+        (repo / "blobs").mkdir(exist_ok=True)
+        snapshot = repo / "snapshots" / commit
+        for file in sorted(source.rglob("*")):
+            if not file.is_file():
+                continue
+            content = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+            blob.write_bytes(content)
+            link = snapshot / file.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> HubCache:
+    """An empty huggingface_hub cache, made the default cache for one test."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return HubCache(cache)

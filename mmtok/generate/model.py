@@ -520,31 +520,49 @@ class Generator(HubModel):
     # Tokenizers and cards -----------------------------------------------------------
 
     def check_tokenizer(self, modality: str, tokenizer: Tokenizer) -> None:
-        """Raise :class:`MmtokError` unless ``tokenizer`` is the one this generator was trained with."""
+        """Raise :class:`MmtokError` unless ``tokenizer`` is the one this generator was trained with.
+
+        The tokenizer must encode ``modality``, have the vocabulary size of the modality's id
+        range and the weights hash recorded in the token space. The message names both hashes.
+        """
         token_range = self.token_space.range(modality)
         tokenizer_modality = getattr(tokenizer, "modality", modality)
         if tokenizer_modality != modality:
             raise MmtokError(f"tokenizer {tokenizer.name_or_path!r} is for {tokenizer_modality}, not {modality}")
+        weights_hash = tokenizer.weights_hash()
+        trained_with = (
+            f"this generator was trained on {modality} tokens of {token_range.tokenizer!r} "
+            f"({token_range.size} ids, weights {token_range.tokenizer_hash})"
+        )
         if tokenizer.vocab_size != token_range.size:
             raise MmtokError(
-                f"tokenizer {tokenizer.name_or_path!r} has {tokenizer.vocab_size} {modality} ids, but this "
-                f"generator was trained on {token_range.size} ids of {token_range.tokenizer!r}; "
-                f"use {token_range.tokenizer!r}"
+                f"tokenizer {tokenizer.name_or_path!r} has {tokenizer.vocab_size} {modality} ids (weights {weights_hash}), "
+                f"but {trained_with}; use that tokenizer"
             )
-        weights_hash = tokenizer.weights_hash()
         if weights_hash != token_range.tokenizer_hash:
             raise MmtokError(
-                f"tokenizer {tokenizer.name_or_path!r} has weights {weights_hash}, but this generator was "
-                f"trained on tokens of {token_range.tokenizer!r} (weights {token_range.tokenizer_hash}); "
-                f"use {token_range.tokenizer!r}"
+                f"tokenizer {tokenizer.name_or_path!r} has weights {weights_hash}, but {trained_with}; "
+                "use that tokenizer"
             )
 
     def card_variables(self) -> dict[str, Any]:
+        dim = self.token_embedding.embedding_dim
+        architecture = (
+            f"Masked-diffusion transformer: {len(self.blocks)} bidirectional pre-norm blocks of width {dim} "
+            f"with {self.heads} heads and rotary positions, {self.schedule.name} noise schedule"
+        )
+        segments = ", ".join(
+            f"{modality} {'up to ' if modality in self.variable_length else ''}{length}"
+            for modality, length in self.sequence_lengths.items()
+        )
         return {
-            "token_space": self.token_space.to_config(),
+            "modality": self.token_space.modalities,
+            "architecture": architecture,
             "vocab_size": self.token_space.vocab_size,
+            "token_rate": f"{segments} tokens per sample",
+            "token_space": self.token_space.to_config(),
             "sequence_lengths": self.sequence_lengths,
         }
 
     def card_tags(self) -> list[str]:
-        return ["masked-diffusion", *self.token_space.modalities]
+        return ["masked-diffusion"]
