@@ -83,33 +83,56 @@ class PluginManager:
                 plugin = entry_point.load()
                 self.hooks.register(plugin, name=entry_point.name)
             except Exception as error:  # noqa: BLE001 - any import failure is the plugin's fault
-                self._fail(info, f"failed to load: {type(error).__name__}: {error}")
+                self._fail(info, [f"failed to load: {type(error).__name__}: {error}"])
                 continue
             info.hooks = sorted(impl.name for impl in self.hooks.get_hookcallers(plugin) or [])
-            self._register_modalities(entry_point.name, plugin, info)
+            self._register_modalities(plugin, info)
 
-    def _register_modalities(self, plugin_name: str, plugin: object, info: PluginInfo) -> None:
+    def _implementations(self, hook_name: str, plugin: object) -> list[Any]:
+        caller = getattr(self.hooks.hook, hook_name)
+        return [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
+
+    def _register_modalities(self, plugin: object, info: PluginInfo) -> None:
         found: list[Modality] = []
-        caller = self.hooks.subset_hook_caller("register_modalities", remove_plugins=[])
-        impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]
-        for impl in impls:
+        for impl in self._implementations("register_modalities", plugin):
             try:
                 impl.function(register=found.append)
             except Exception as error:  # noqa: BLE001
-                self._fail(info, f"register_modalities failed: {type(error).__name__}: {error}")
+                self._fail(info, [f"register_modalities failed: {type(error).__name__}: {error}"])
                 return
+        problems = []
         for modality in found:
-            problem = _check_modality(modality)
+            problem = find_modality_problem(modality)
             if problem is None and modality.name in self.modalities:
                 problem = f"modality {modality.name!r} is already registered by another plugin"
             if problem:
-                self._fail(info, problem)
+                problems.append(problem)
                 continue
             self.modalities[modality.name] = modality
             info.modalities.append(modality.name)
+        if problems:
+            self._fail(info, problems)
 
-    def _fail(self, info: PluginInfo, message: str) -> None:
-        info.error = message
+    def add_commands(self, cli: Any) -> None:
+        """Call every plugin's ``register_commands`` hook on the ``mmtok`` click group.
+
+        A hook that raises is reported like a load failure, and the other commands stay.
+        """
+        for info in self.plugins:
+            if info.error is not None or "register_commands" not in info.hooks:
+                continue
+            plugin = self.hooks.get_plugin(info.name)
+            for impl in self._implementations("register_commands", plugin):
+                try:
+                    impl.function(cli=cli)
+                except Exception as error:  # noqa: BLE001
+                    self._fail(info, [f"register_commands failed: {type(error).__name__}: {error}"])
+                    break
+
+    def _fail(self, info: PluginInfo, problems: list[str]) -> None:
+        """Record a plugin's problems and report them as one warning."""
+        message = "; ".join(problems)
+        info.error = message if info.error is None else f"{info.error}; {message}"
         warnings.warn(f"mmtok plugin {info.name!r} ({info.distribution}): {message}", RuntimeWarning, stacklevel=3)
 
     def modality(self, name: str) -> Modality:
@@ -131,15 +154,24 @@ class PluginManager:
         )
 
 
-def _check_modality(modality: object) -> str | None:
+def find_modality_problem(modality: object) -> str | None:
+    """Return what is wrong with a registered modality, or None when it is valid."""
     if not isinstance(modality, Modality):
         return f"registered {type(modality).__name__}, which is not an mmtok.Modality"
     name = getattr(modality, "name", None)
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         return f"modality name {name!r} must be a lowercase identifier"
-    bad_suffixes = [s for s in modality.suffixes if not (s.startswith(".") and s == s.lower())]
+    bad_suffixes = [s for s in modality.suffixes if not (isinstance(s, str) and s.startswith(".") and s == s.lower())]
     if bad_suffixes:
         return f"modality {name!r} has invalid suffixes {bad_suffixes}; use lowercase with a leading dot"
+    if modality.default_suffix and modality.default_suffix not in modality.suffixes:
+        return f"modality {name!r} has default_suffix {modality.default_suffix!r}, which is not one of its suffixes"
+    try:
+        bundled = modality.bundled_models()
+    except Exception as error:  # noqa: BLE001 - a plugin bug must not break other commands
+        return f"modality {name!r}: bundled_models() failed: {type(error).__name__}: {error}"
+    if not isinstance(bundled, dict) or not all(isinstance(key, str) for key in bundled):
+        return f"modality {name!r}: bundled_models() must return a dict of model names to folders"
     return None
 
 

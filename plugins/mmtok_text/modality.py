@@ -34,6 +34,9 @@ class TextModality(Modality):
         return Sample(text, {"characters": len(text)})
 
     def write(self, sample: Sample, path: Path) -> None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in self.suffixes:
+            raise MmtokError(f"{path}: cannot write text as {suffix or '(no suffix)'!r}; use one of {' '.join(self.suffixes)}")
         if not isinstance(sample.data, str):
             raise MmtokError(f"{path}: text samples must hold a str")
         Path(path).write_bytes(sample.data.encode("utf-8"))
