@@ -9,7 +9,7 @@ The bundled ``mmtok/audio-tokenizer`` was made with the defaults, from the data 
 ``scripts/prepare_data.py`` writes:
 
     python scripts/prepare_data.py --out data --seed 0
-    nice python -m mmtok_audio.train --data data --output runs/audio-tokenizer --threads 1 --logdir runs/logs/audio
+    python -m mmtok_audio.train --data data --output runs/audio-tokenizer --threads 1 --logdir runs/logs/audio
 
 and the files ``config.json``, ``model.safetensors`` and ``README.md`` of
 ``runs/audio-tokenizer`` were then copied to ``plugins/mmtok_audio/pretrained/audio-tokenizer``.
@@ -175,7 +175,7 @@ def _learning_rate(step: int, steps: int, peak: float) -> float:
 def train_audio_tokenizer(
     data_dir: Path,
     output_dir: Path,
-    steps: int = 1500,
+    steps: int = 5000,
     batch_size: int = 8,
     segment_seconds: float = 1.0,
     lr: float = 1e-3,
@@ -196,11 +196,11 @@ def train_audio_tokenizer(
     with those metrics and a training note quoting ``command`` (by default the running
     ``mmtok`` command line). ``output_dir/checkpoint`` contains the state for ``resume``.
 
-    Recommended command, which made the bundled model. It took 16 minutes of training
-    plus 1.5 minutes of validation on one niced thread of a 2-core machine shared with
+    Recommended command, which made the bundled model. It took about 32 minutes of
+    training plus 2 minutes of validation on one thread of a 2-core machine shared with
     other jobs:
 
-        nice python -m mmtok_audio.train --data data --output runs/audio-tokenizer --threads 1 --logdir runs/logs/audio
+        python -m mmtok_audio.train --data data --output runs/audio-tokenizer --threads 1 --logdir runs/logs/audio
 
     Args:
         quantizer_dropout: probability that a step uses a random smaller number of
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmtok_audio.train", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="data folder holding audio/train and audio/val")
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints and the final model")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="segments per step")
     parser.add_argument("--segment-seconds", type=float, default=1.0, help="length of each training segment in seconds")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
