@@ -5,7 +5,15 @@ from mmtok.hookspecs import hookimpl
 from mmtok.hub import HubModel, load_model
 from mmtok.modality import Modality, Sample
 from mmtok.plugins import get_plugin_manager
-from mmtok.quantize import QuantizerOutput, ResidualVectorQuantizer, VectorQuantizer
+from mmtok.quantize import (
+    CosineVectorQuantizer,
+    FactorizedVectorQuantizer,
+    FiniteScalarQuantizer,
+    Quantizer,
+    QuantizerOutput,
+    ResidualVectorQuantizer,
+    VectorQuantizer,
+)
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import TokenSpace, Tokens
 from mmtok.generate import Generator  # noqa: E402  (imports mmtok.hub and mmtok.tokens)
@@ -14,12 +22,16 @@ from mmtok.pipeline import Pipeline  # noqa: E402  (imports mmtok.generate)
 __version__ = "0.1.0"
 
 __all__ = [
+    "CosineVectorQuantizer",
+    "FactorizedVectorQuantizer",
+    "FiniteScalarQuantizer",
     "Generator",
     "HubModel",
     "MmtokError",
     "Modality",
     "Pipeline",
     "PluginError",
+    "Quantizer",
     "QuantizerOutput",
     "ResidualVectorQuantizer",
     "Sample",

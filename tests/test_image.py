@@ -124,6 +124,42 @@ def test_save_load_round_trip(tmp_path, picture):
     assert (tmp_path / "model" / "README.md").read_text().count("image") > 0
 
 
+@pytest.mark.parametrize(
+    ("quantizer_type", "options"),
+    [("cosine", {"codebook_size": 16}), ("fsq", {"codebook_size": 12, "fsq_levels": [4, 3]})],
+)
+def test_quantizer_types_encode_decode_and_reload(tmp_path, picture, quantizer_type, options):
+    torch.manual_seed(0)
+    tokenizer = ImageTokenizer(resolution=32, channels=[8, 16], latent_dim=4, quantizer_type=quantizer_type, **options)
+    tokenizer.train()
+    tokenizer(torch.rand(2, 3, 32, 32))  # one training step seeds a learned codebook
+    tokenizer.eval()
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = ImageTokenizer.from_pretrained(tmp_path / "model")
+    sample = modality.read(picture)
+
+    tokens = tokenizer.encode(sample)
+    decoded = loaded.decode(loaded.encode(sample))
+
+    assert tokenizer.vocab_size == options["codebook_size"]
+    assert int(tokens.codes.max()) < options["codebook_size"]
+    assert torch.equal(loaded.encode(sample).codes, tokens.codes)
+    assert decoded.data.shape == sample.data.shape
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"quantizer_type": "lfq"}, "invalid quantizer_type"),
+        ({"quantizer_type": "fsq"}, "needs fsq_levels"),
+        ({"quantizer_type": "fsq", "fsq_levels": [8, 5, 5, 5], "codebook_size": 1024}, "Set codebook_size=1000"),
+    ],
+)
+def test_invalid_quantizer_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTokenizer(resolution=32, channels=[8, 16], latent_dim=4, **options)
+
+
 def test_decode_rejects_other_tokenizer(picture):
     tokens = tiny_tokenizer().encode(modality.read(picture))
     torch.manual_seed(1)

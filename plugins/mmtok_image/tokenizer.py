@@ -2,7 +2,7 @@
 
 The encoder and decoder follow the residual-block design of Esser et al. (2021), "Taming
 Transformers for High-Resolution Image Synthesis", scaled down for CPU training; the
-codebook is mmtok's shared EMA vector quantizer.
+codebook is one of mmtok's shared quantizers: the EMA vector quantizer by default.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtok import MmtokError, Sample, Tokenizer, Tokens
-from mmtok.quantize import QuantizerOutput, VectorQuantizer
+from mmtok.quantize import CosineVectorQuantizer, FiniteScalarQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
+
+QUANTIZER_TYPES = ("vq", "cosine", "fsq")
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -69,6 +71,27 @@ class Decoder(nn.Module):
         return self.layers(z)
 
 
+def make_quantizer(
+    quantizer_type: str, dim: int, codebook_size: int, beta: float, decay: float, fsq_levels: list[int] | None
+) -> Quantizer:
+    """Build the quantizer of an :class:`ImageTokenizer` from its constructor arguments."""
+    if quantizer_type == "vq":
+        return VectorQuantizer(dim, codebook_size, decay=decay, beta=beta)
+    if quantizer_type == "cosine":
+        return CosineVectorQuantizer(dim, codebook_size, decay=decay, beta=beta)
+    if quantizer_type == "fsq":
+        if not fsq_levels:
+            raise ValueError('quantizer_type "fsq" needs fsq_levels, e.g. [8, 5, 5, 5] for 1000 codes')
+        quantizer = FiniteScalarQuantizer(dim, fsq_levels)
+        if quantizer.codebook_size != codebook_size:
+            raise ValueError(
+                f"fsq_levels {list(fsq_levels)} give {quantizer.codebook_size} codes, but codebook_size is "
+                f"{codebook_size}. Set codebook_size={quantizer.codebook_size}."
+            )
+        return quantizer
+    raise ValueError(f"invalid quantizer_type {quantizer_type!r}, expected one of {', '.join(QUANTIZER_TYPES)}")
+
+
 class ImageTokenizer(Tokenizer):
     """Encode RGB images into a grid of codes, one code per ``2**(len(channels)-1)`` pixels.
 
@@ -79,6 +102,12 @@ class ImageTokenizer(Tokenizer):
         codebook_size: number of codes K.
         beta: commitment loss weight.
         decay: EMA decay of the codebook.
+        quantizer_type: ``"vq"`` for :class:`~mmtok.quantize.VectorQuantizer`, ``"cosine"``
+            for :class:`~mmtok.quantize.CosineVectorQuantizer` (l2-normalised codes) or
+            ``"fsq"`` for :class:`~mmtok.quantize.FiniteScalarQuantizer`, which ignores
+            ``beta`` and ``decay``.
+        fsq_levels: values per channel of the ``"fsq"`` quantizer, e.g. ``[8, 5, 5, 5]``;
+            their product must equal ``codebook_size``.
     """
 
     modality = "image"
@@ -91,6 +120,8 @@ class ImageTokenizer(Tokenizer):
         codebook_size: int = 1024,
         beta: float = 0.25,
         decay: float = 0.99,
+        quantizer_type: str = "vq",
+        fsq_levels: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.resolution = resolution
@@ -101,7 +132,7 @@ class ImageTokenizer(Tokenizer):
         self.codebook_size = codebook_size
         self.encoder = Encoder(list(channels), latent_dim)
         self.decoder = Decoder(list(channels), latent_dim)
-        self.quantizer = VectorQuantizer(latent_dim, codebook_size, decay=decay, beta=beta)
+        self.quantizer = make_quantizer(quantizer_type, latent_dim, codebook_size, beta, decay, fsq_levels)
 
     @property
     def vocab_size(self) -> int:
