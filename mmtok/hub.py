@@ -36,6 +36,7 @@ from huggingface_hub.errors import (
 from torch import nn
 
 from mmtok.errors import MmtokError
+from mmtok.tokens import pickle_kind
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +302,9 @@ class HubModel(
         try:
             safetensors.torch.load_model(model, model_file, strict=strict, device=map_location)
         except (RuntimeError, OSError, safetensors.SafetensorError) as error:
+            kind = pickle_kind(Path(model_file))
+            if kind is not None:
+                raise MmtokError(f"{model_file}: is {kind}, not safetensors; mmtok never loads pickles") from error
             raise MmtokError(f"{model_file}: invalid weights for {cls.__name__}: {error}") from error
         model.metrics = dict((config or {}).get("metrics", {}) or {})
         model.training_note = (config or {}).get("training_note", "")

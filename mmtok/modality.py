@@ -69,8 +69,11 @@ class Modality:
         """Train a tokenizer on ``data_dir`` and save it to ``output_dir``.
 
         ``options`` are those of `mmtok train tokenizer`: ``steps``, ``batch_size``,
-        ``lr``, ``seed``, ``logdir``, ``resume``, ``checkpoint_every`` and ``model_args``
-        (a dict of tokenizer constructor arguments). Unset options are absent.
+        ``lr``, ``seed``, ``logdir``, ``resume``, ``checkpoint_every``, ``model_args``
+        (a dict of tokenizer constructor arguments) and ``device``. Unset options are
+        absent. Under ``torchrun`` every process calls this method;
+        :mod:`mmtok.train.distributed` and :class:`mmtok.train.loop.TrainingRun` make
+        rank 0 the only one that writes.
         """
         raise MmtokError(f"modality {self.name!r} does not support tokenizer training")
 
@@ -98,12 +101,37 @@ def check_input_file(path: Path) -> int:
     return size
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the storage device."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries, so that a rename inside it survives a power loss.
+
+    Some file systems cannot open or sync a folder; there this does nothing.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` and rename it to ``path`` on success.
 
     The temporary path keeps the suffix of ``path``, so writers that choose a format by
-    suffix work. Nothing is left behind when the body raises.
+    suffix work. Nothing is left behind when the body raises. The file is synced to disk
+    before the rename, so after a crash ``path`` contains either the old or the new
+    content in full.
     """
     path = Path(path)
     if path.exists() and not force:
@@ -119,6 +147,8 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     os.chmod(temporary, 0o666 & ~umask)
     try:
         yield temporary
+        fsync_file(temporary)
         os.replace(temporary, path)
+        fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)

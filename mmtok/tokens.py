@@ -65,19 +65,27 @@ class Tokens:
 
     @classmethod
     def load(cls, path: Path) -> "Tokens":
-        """Read a token file; raise :class:`MmtokError` naming the file when it is invalid."""
+        """Read a token file; raise :class:`MmtokError` naming the file when it is invalid.
+
+        Only safetensors files are read; a pickle or ``torch.save`` file is rejected and
+        never unpickled.
+        """
         path = Path(path)
         if not path.is_file():
             raise MmtokError(f"{path}: file not found")
         try:
             with safetensors.safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                if "codes" not in handle.keys():
-                    raise MmtokError(f"{path}: not an mmtok token file (no 'codes' tensor)")
+                names = list(handle.keys())
+                if names != ["codes"]:
+                    raise MmtokError(f"{path}: not an mmtok token file (tensors {names}, expected only 'codes')")
                 codes = handle.get_tensor("codes")
         except (safetensors.SafetensorError, OSError, ValueError) as error:
             if isinstance(error, MmtokError):
                 raise
+            kind = pickle_kind(path)
+            if kind is not None:
+                raise MmtokError(f"{path}: is {kind}, not a safetensors token file; mmtok never loads pickles") from error
             raise MmtokError(f"{path}: not a readable mmtok token file ({error})") from error
         if header.get("format") != FORMAT_NAME:
             raise MmtokError(f"{path}: not an mmtok token file (format {header.get('format')!r})")
@@ -87,8 +95,12 @@ class Tokens:
             )
         try:
             metadata = json.loads(header.get("metadata", "{}"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise MmtokError(f"{path}: invalid metadata in token file: {error}") from error
+        if not isinstance(metadata, dict):
+            raise MmtokError(
+                f"{path}: invalid metadata in token file: expected a JSON object, found {type(metadata).__name__}"
+            )
         if codes.dtype != torch.int64:
             raise MmtokError(f"{path}: codes must be int64, found {codes.dtype}")
         missing = [key for key in ("modality", "tokenizer", "tokenizer_hash") if not header.get(key)]
@@ -101,6 +113,25 @@ class Tokens:
             tokenizer_hash=header["tokenizer_hash"],
             metadata=metadata,
         )
+
+
+# First bytes of files that mmtok never loads: a pickle (protocol 2 and later start with
+# the PROTO opcode 0x80 and the protocol number) and a zip archive, which torch.save writes.
+# Checked only after safetensors failed to parse a file, to word the error.
+_PICKLE_SIGNATURES = {
+    **{bytes([0x80, protocol]): "a pickle" for protocol in range(2, 6)},
+    b"PK\x03\x04": "a zip archive (torch.save)",
+}
+
+
+def pickle_kind(path: Path) -> str | None:
+    """Return what kind of pickle-based file ``path`` looks like, or None."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    for signature, kind in _PICKLE_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    return None
 
 
 PAD = "<pad>"

@@ -12,6 +12,8 @@ import torch
 from mmtok.errors import MmtokError
 from mmtok.modality import Modality, Sample, check_input_file
 
+from mmtok_audio.containers import check_mp3_complete, check_ogg_complete, looks_like_mp3
+
 # libsndfile reads MP3 from version 1.1.0 on; older builds lack the format.
 _MP3_AVAILABLE = "MP3" in soundfile.available_formats()
 
@@ -44,6 +46,16 @@ def _check_not_truncated(path: Path, log: str) -> None:
         )
 
 
+def _check_container(path: Path) -> None:
+    """Reject a truncated MP3 or Ogg file, which libsndfile would decode up to the cut."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head == b"OggS":
+        check_ogg_complete(path, path.read_bytes())
+    elif looks_like_mp3(head):
+        check_mp3_complete(path, path.read_bytes())
+
+
 class AudioModality(Modality):
     """Sound files as ``(channels, samples)`` float32 tensors in [-1, 1].
 
@@ -59,6 +71,7 @@ class AudioModality(Modality):
     def read(self, path: Path) -> Sample:
         path = Path(path)
         check_input_file(path)
+        _check_container(path)
         try:
             with soundfile.SoundFile(str(path)) as handle:
                 sample_rate = int(handle.samplerate)

@@ -242,6 +242,11 @@ class AudioTokenizer(Tokenizer):
             raise MmtokError(f"token metadata claims {samples} samples, but {codes.shape[1]} frames decode to at most {longest}")
         if channels > 1024:
             raise MmtokError(f"token metadata claims {channels} channels; at most 1024 are supported")
+        if channels * samples > MAX_DECODE_VALUES:
+            raise MmtokError(
+                f"token metadata claims {channels} channels of {samples} samples, over the limit of "
+                f"{MAX_DECODE_VALUES} values (4 GiB of float32)"
+            )
         device = next(self.parameters()).device
         wave = self.decode_tensor(codes.unsqueeze(0).to(device))[0, 0].float().cpu()  # (F * hop,)
         if sample_rate != self.sample_rate:
@@ -342,12 +347,24 @@ def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:
     return data, sample_rate
 
 
+# Most values (channels x samples) that decode returns: 4 GiB of float32, above an hour of
+# 5.1 audio at 48 kHz. Metadata claiming more could make decode exhaust memory.
+MAX_DECODE_VALUES = 2**30
+# Highest sample rate that decode resamples to, in Hz: the top rate of studio converters.
+# A larger value in token metadata would make the resampler allocate without bound.
+MAX_DECODE_SAMPLE_RATE = 768_000
+
+
 def _decode_metadata(metadata: dict[str, Any]) -> tuple[int, int, int]:
     """Return ``(sample_rate, samples, channels)`` from token metadata, validated."""
     values = []
-    for key, minimum in (("sample_rate", 1), ("samples", 0), ("channels", 1)):
+    for key, minimum in (("sample_rate", 1), ("samples", 1), ("channels", 1)):
         value = metadata.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise MmtokError(f"audio token metadata needs an integer {key} >= {minimum}, got {value!r}")
         values.append(value)
+    if values[0] > MAX_DECODE_SAMPLE_RATE:
+        raise MmtokError(
+            f"audio token metadata claims a sample rate of {values[0]} Hz; at most {MAX_DECODE_SAMPLE_RATE} is supported"
+        )
     return values[0], values[1], values[2]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +33,21 @@ def max_pixels() -> int:
         return int(value)
     except ValueError as error:
         raise MmtokError(f"MMTOK_MAX_IMAGE_PIXELS must be an integer, got {value!r}") from error
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(limit: int) -> Iterator[None]:
+    """Make Pillow's decompression-bomb check, which runs when a header is read, use ``limit``.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` and raises above twice that, in
+    ``Image.open``, before any pixel data is decoded.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -62,8 +79,9 @@ class ImageModality(Modality):
         check_input_file(path)
         limit = max_pixels()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with warnings.catch_warnings(), _pillow_pixel_limit(limit):
+                # Below twice the limit Pillow only warns; the check below then rejects the file.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as image:
                     width, height = image.size
                     if width * height > limit:
@@ -77,7 +95,12 @@ class ImageModality(Modality):
                     rgb = to_rgb(image)
         except MmtokError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        except Image.DecompressionBombError as error:
+            raise MmtokError(
+                f"{path}: image is over the limit of {limit} pixels ({error}); raise MMTOK_MAX_IMAGE_PIXELS "
+                "if the file is trusted"
+            ) from error
+        except UnidentifiedImageError as error:
             raise MmtokError(f"{path}: not a readable image ({error})") from error
         except (OSError, SyntaxError, ValueError) as error:
             raise MmtokError(f"{path}: corrupt or truncated image ({error})") from error

@@ -198,18 +198,43 @@ class ImageTokenizer(Tokenizer):
         self.check_tokens(tokens, high=self.codebook_size)
         if tuple(tokens.codes.shape) != (self.grid, self.grid):
             raise MmtokError(f"image codes must have shape ({self.grid}, {self.grid}), got {tuple(tokens.codes.shape)}")
+        left, top, box_width, box_height, width, height = self._decode_geometry(tokens.metadata)
         device = next(self.parameters()).device
         image = self.decode_tensor(tokens.codes[None].to(device))[0].cpu()  # (3, R, R)
-        metadata = tokens.metadata
-        left, top, box_width, box_height = metadata.get("box", [0, 0, self.resolution, self.resolution])
-        width = int(metadata.get("width", self.resolution))
-        height = int(metadata.get("height", self.resolution))
-        if width <= 0 or height <= 0 or width * height > 2**31:
-            raise MmtokError(f"invalid image size {width}x{height} in token metadata")
         content = image[:, top : top + box_height, left : left + box_width]
         if (height, width) != tuple(content.shape[1:]):
             content = F.interpolate(content[None], size=(height, width), mode="bicubic")[0].clamp(0, 1)
         return Sample(content, {"width": width, "height": height})
+
+    def _decode_geometry(self, metadata: dict) -> tuple[int, int, int, int, int, int]:
+        """Return ``(left, top, box width, box height, width, height)`` from token metadata, validated.
+
+        The size is limited like a file the image reader accepts (``MMTOK_MAX_IMAGE_PIXELS``),
+        so edited metadata cannot make decode allocate a huge image.
+        """
+        from mmtok_image.modality import max_pixels
+
+        def integer(value: object, name: str) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MmtokError(f"image token metadata needs an integer {name}, got {value!r}")
+            return value
+
+        width = integer(metadata.get("width", self.resolution), "width")
+        height = integer(metadata.get("height", self.resolution), "height")
+        if width <= 0 or height <= 0 or width * height > max_pixels():
+            raise MmtokError(
+                f"invalid image size {width}x{height} in token metadata: needs 1 to {max_pixels()} pixels "
+                "(MMTOK_MAX_IMAGE_PIXELS)"
+            )
+        box = metadata.get("box", [0, 0, self.resolution, self.resolution])
+        if not isinstance(box, list) or len(box) != 4:
+            raise MmtokError(f"image token metadata needs a box [left, top, width, height], got {box!r}")
+        left, top, box_width, box_height = (integer(value, "box entry") for value in box)
+        if left < 0 or top < 0 or box_width < 1 or box_height < 1 or left + box_width > self.resolution or (
+            top + box_height > self.resolution
+        ):
+            raise MmtokError(f"image token metadata box {box} does not lie inside the {self.resolution}-pixel square")
+        return left, top, box_width, box_height, width, height
 
     # Sequences ----------------------------------------------------------------------
 
