@@ -27,15 +27,35 @@ logger = logging.getLogger("mmtok")
 STDOUT = "-"
 
 
+# Set by the group's --debug flag: show tracebacks instead of one-line errors.
+_debug = False
+
+
+def _describe_unexpected(error: Exception) -> str:
+    return f"unexpected {type(error).__name__}: {error} (run with --debug to see the traceback)"
+
+
 def handle_errors(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn :class:`MmtokError` into one line on stderr and exit code 1."""
+    """Turn :class:`MmtokError` and unexpected exceptions into one line on stderr and exit code 1.
+
+    With ``mmtok --debug`` the exception propagates with its traceback.
+    """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
         except MmtokError as error:
+            if _debug:
+                raise
             click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+        except Exception as error:
+            if _debug:
+                raise
+            click.echo(f"error: {_describe_unexpected(error)}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -59,10 +79,19 @@ def seed_option(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mmtok")
 @click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
-def cli(verbose: int) -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def cli(verbose: int, debug: bool) -> None:
     """Turn any modality into discrete tokens, and generate new ones."""
+    global _debug
+    _debug = debug
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_format = "%(levelname)s %(name)s: %(message)s"
+    # Under torchrun only rank 0 logs progress; the other ranks report warnings and errors.
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        level = max(level, logging.WARNING)
+        log_format = f"[rank {rank}] {log_format}"
+    logging.basicConfig(level=level, format=log_format, stream=sys.stderr)
 
 
 # encode / decode -----------------------------------------------------------------------
@@ -97,12 +126,17 @@ def _write_stdout(data: bytes) -> None:
 
 
 def _run_each(inputs: list[Path], action: Callable[[Path, Path | None], None], outputs: list[Path | None]) -> None:
+    """Run ``action`` on each input; report each failure as one line and exit 1 after the last."""
     failures = 0
     for path, output in zip(inputs, outputs):
         try:
             action(path, output)
-        except MmtokError as error:
-            message = str(error)
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as error:
+            if _debug:
+                raise
+            message = str(error) if isinstance(error, MmtokError) else _describe_unexpected(error)
             if str(path) not in message:
                 message = f"{path}: {message}"
             click.echo(f"error: {message}", err=True)
@@ -191,6 +225,51 @@ def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> No
             logger.info("wrote %s", target)
 
     _run_each(inputs, decode_one, outputs)
+
+
+@cli.command("encode-dataset")
+@click.argument("input_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--modality", required=True, help="Modality of the files to encode; others are ignored.")
+@click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the modality's default).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Encoding processes, each with its own copy of the tokenizer and one torch thread.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Files per shard; fixed by the first run into OUTPUT_DIR.")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This job's number, from 0, when --num-shards jobs share OUTPUT_DIR.")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of jobs sharing OUTPUT_DIR; each encodes every num-shards-th shard.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device of the tokenizer in each worker: cpu, cuda or auto.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads per worker.")
+@handle_errors
+def encode_dataset_command(input_dir, output_dir, modality, tokenizer_name, workers, shard_size, shard_index,
+                           num_shards, device, threads) -> None:
+    """Encode every file of a modality under INPUT_DIR into token shards in OUTPUT_DIR.
+
+    Run the same command again after an interruption to encode the shards that are not
+    complete. Files that fail are listed in OUTPUT_DIR/errors.jsonl and do not stop the
+    run. docs/formats.md describes the shard layout.
+    """
+    from mmtok.encode_dataset import encode_dataset
+
+    if shard_index >= num_shards:
+        raise click.BadParameter(f"must be below --num-shards ({num_shards})", param_hint="--shard-index")
+    summary = encode_dataset(
+        input_dir, output_dir, modality, tokenizer_name, workers=workers, shard_size=shard_size,
+        shard_index=shard_index, num_shards=num_shards, device=device, threads=threads, show_progress=True,
+    )
+    rate = summary.encoded / summary.seconds if summary.seconds > 0 else 0.0
+    click.echo(
+        f"encoded {summary.encoded} files into {summary.shards_encoded} shards in {summary.seconds:.1f} s "
+        f"({rate:.1f} files/s); {summary.failed} failed; {summary.shards_done_before} shards were already done; "
+        f"{output_dir} has {summary.shards} shards for {summary.files} files",
+        err=True,
+    )
+    if summary.failed:
+        click.echo(f"failed files and reasons: {output_dir / 'errors.jsonl'}", err=True)
 
 
 # generate ------------------------------------------------------------------------------
@@ -424,7 +503,7 @@ def _parse_model_args(values: tuple[str, ...]) -> dict[str, Any]:
 
 def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+        click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
                      help="Data folder, as scripts/prepare_data.py lays it out."),
         click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
                      help="Folder for checkpoints and the final model."),
@@ -438,6 +517,9 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
                      help="Model constructor argument (JSON value); repeatable."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch."),
+        click.option("--device",
+                     help="auto (CUDA when available; the default), cpu or cuda. Under torchrun each process "
+                          "takes the GPU of its local rank."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -459,38 +541,68 @@ def train() -> None:
     """Train tokenizers and generators (the bundled defaults were made with these)."""
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 @train.command("tokenizer")
 @click.option("--modality", required=True, help="Modality whose tokenizer to train.")
 @training_options
 @handle_errors
-def train_tokenizer(modality: str, data_dir: Path, output_dir: Path, **values: Any) -> None:
-    """Train a tokenizer for one modality."""
+def train_tokenizer(modality: str, data_dir: Path | None, output_dir: Path, **values: Any) -> None:
+    """Train a tokenizer for one modality; runs unchanged under torchrun."""
     from mmtok.plugins import get_plugin_manager
+    from mmtok.train import distributed
 
+    if data_dir is None:
+        raise click.UsageError("Missing option '--data'.")
     entry = get_plugin_manager().modality(modality)
     options = _collect_training_options(**values)
     tokenizer = entry.train_tokenizer(data_dir, output_dir, **options)
-    click.echo(f"saved {type(tokenizer).__name__} to {output_dir}: {json.dumps(tokenizer.metrics)}", err=True)
+    if _is_main_process():
+        click.echo(f"saved {type(tokenizer).__name__} to {output_dir}: {json.dumps(tokenizer.metrics)}", err=True)
+    distributed.shutdown()
 
 
 @train.command("generator")
-@click.option("--modalities", default="image,audio,text", show_default=True,
-              help="Comma-separated modalities of the vocabulary; each has DATA/<modality>/{train,val}.jsonl.")
+@click.option("--modalities", default=None,
+              help="Comma-separated modalities of the vocabulary [default: image,audio,text with --data, "
+                   "else those of --shards]. Each needs DATA/<modality>/{train,val}.jsonl or --shards.")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="MODALITY=NAME",
-              help="Tokenizer per modality (default: each modality's default); repeatable.")
+              help="Tokenizer per modality (default: each modality's default, or the one its shards record); "
+                   "repeatable.")
+@click.option("--shards", "shards", multiple=True, metavar="MODALITY=DIR",
+              help="Training items of a modality from an `mmtok encode-dataset` folder instead of --data; repeatable.")
+@click.option("--validation-shards", "validation_shards", multiple=True, metavar="MODALITY=DIR",
+              help="Held-out items of a modality from an `mmtok encode-dataset` folder; repeatable.")
 @training_options
 @handle_errors
-def train_generator_command(modalities: str, tokenizers: tuple[str, ...], data_dir: Path, output_dir: Path,
+def train_generator_command(modalities: str | None, tokenizers: tuple[str, ...], shards: tuple[str, ...],
+                            validation_shards: tuple[str, ...], data_dir: Path | None, output_dir: Path,
                             **values: Any) -> None:
-    """Train the masked-diffusion generator on tokenized data."""
+    """Train the masked-diffusion generator on tokenized data; runs unchanged under torchrun."""
+    from mmtok.train import distributed
     from mmtok.train.generator_data import train_generator_from_folder
 
     chosen = _parse_assignments(tokenizers, "--tokenizer", "MODALITY=NAME")
+    shard_dirs = {key: Path(value) for key, value in _parse_assignments(shards, "--shards", "MODALITY=DIR").items()}
+    validation_dirs = {
+        key: Path(value)
+        for key, value in _parse_assignments(validation_shards, "--validation-shards", "MODALITY=DIR").items()
+    }
+    if data_dir is None and not shard_dirs:
+        raise click.UsageError("give --data, --shards MODALITY=DIR, or both")
+    if modalities is None:
+        names = ["image", "audio", "text"] if data_dir is not None else list(shard_dirs)
+    else:
+        names = [m.strip() for m in modalities.split(",") if m.strip()]
     options = _collect_training_options(**values)
     model = train_generator_from_folder(
-        data_dir, output_dir, [m.strip() for m in modalities.split(",") if m.strip()], chosen, **options
+        data_dir, output_dir, names, chosen, shards=shard_dirs, validation_shards=validation_dirs, **options
     )
-    click.echo(f"saved generator to {output_dir}: {json.dumps(model.metrics)}", err=True)
+    if _is_main_process():
+        click.echo(f"saved generator to {output_dir}: {json.dumps(model.metrics)}", err=True)
+    distributed.shutdown()
 
 
 # push ----------------------------------------------------------------------------------

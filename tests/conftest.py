@@ -55,6 +55,39 @@ def speak(path: Path, text: str = "The quick brown fox jumps over the lazy dog."
     return path
 
 
+class Interrupted(Exception):
+    """Raised inside a training run to stop it after a checkpoint, as a crash would."""
+
+
+def interrupt_at(step: int):
+    """Make ``TrainingRun.run`` raise :class:`Interrupted` before ``step``; return the undo function."""
+    from mmtok.train.loop import TrainingRun
+
+    original = TrainingRun.run
+
+    def run(self, train_step, on_checkpoint=None):
+        def interrupted_step(index):
+            if index == step:
+                raise Interrupted
+            return train_step(index)
+
+        return original(self, interrupted_step, on_checkpoint)
+
+    TrainingRun.run = run
+    return lambda: setattr(TrainingRun, "run", original)
+
+
+def write_tones(folder: Path, count: int, sample_rate: int = 16000) -> list[Path]:
+    """Write ``count`` short sine-tone WAV files of different pitch and length into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        time = np.arange(sample_rate // 2 + 500 * index) / sample_rate
+        paths.append(folder / f"{index}.wav")
+        soundfile.write(paths[-1], 0.3 * np.sin(2 * np.pi * (220 + 40 * index) * time), sample_rate)
+    return paths
+
+
 @pytest.fixture
 def picture(tmp_path: Path) -> Path:
     return draw_picture(tmp_path / "picture.png")

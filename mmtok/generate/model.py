@@ -285,6 +285,7 @@ class Generator(HubModel):
         t: torch.Tensor | None = None,
         condition: str = "train",
         generator: torch.Generator | None = None,
+        rows_of: tuple[int, int] | None = None,
     ) -> DiffusionLoss:
         """Estimate the negative ELBO of ``batch`` with one diffusion time per row.
 
@@ -298,15 +299,23 @@ class Generator(HubModel):
                 ``condition_dropout`` and ``condition_noising``. ``"given"``,
                 ``"dropped"`` or ``"noised"`` applies that mode to every row.
             generator: source of randomness; the global one when None.
+            rows_of: ``(offset, total)`` when ``batch`` is rows ``offset`` to ``offset + B``
+                of a batch of ``total`` rows split across processes. The random draws are
+                made for all ``total`` rows and this part is kept, so each row gets the
+                noise it would get in one process.
         """
         ids = batch.ids
         rows, device = ids.shape[0], ids.device
+        offset, total = rows_of if rows_of is not None else (0, rows)
+        if not (0 <= offset and offset + rows <= total):
+            raise ValueError(f"rows_of {rows_of} does not contain a batch of {rows} rows")
+        part = slice(offset, offset + rows)
         if t is None:
-            t = self._draw_times(rows, device, generator)
+            t = self._draw_times(total, device, generator)[part]
         elif bool((t < T_MIN).any() | (t > 1).any()):
             raise ValueError(f"diffusion times must lie in [{T_MIN}, 1]")
         scale = 1 - T_MIN  # the inverse of the density of t on [T_MIN, 1]
-        modes = self._condition_modes(rows, condition, device, generator)
+        modes = self._condition_modes(total, condition, device, generator)[part]
 
         # Positions that may be noised and count in the loss.
         target = batch.maskable & ~batch.condition
@@ -314,7 +323,7 @@ class Generator(HubModel):
         counted = target[None, :] | noised_condition  # (B, T)
         dropped = (modes == CONDITION_DROPPED)[:, None] & batch.condition[None, :]
 
-        draw = torch.rand(ids.shape, device=device, generator=generator)
+        draw = torch.rand((total, ids.shape[1]), device=device, generator=generator)[part]  # (B, T)
         masked = counted & (draw < 1 - self.schedule.alpha(t)[:, None])
         noisy = ids.masked_fill(masked | dropped, self.token_space.mask_id)
 

@@ -14,6 +14,7 @@ all maskable, because the position of the end marker is part of what is generate
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -222,6 +223,10 @@ class Batch:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    def rows(self, index: slice | torch.Tensor) -> "Batch":
+        """Return the batch of the selected rows; the per-position tables are shared."""
+        return dataclasses.replace(self, ids=self.ids[index])
 
 
 def build_batch(

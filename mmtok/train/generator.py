@@ -4,6 +4,11 @@ Training minimises the continuous-time ELBO of :meth:`mmtok.generate.Generator.l
 AdamW and a linear-warmup, cosine-decay learning rate. Each batch contains examples of one
 segment order. The batch contents and the diffusion noise of a step are functions of
 ``(seed, step)``, so a resumed run draws the same batches as an uninterrupted one.
+
+Under ``torchrun`` each process takes a contiguous part of every batch, with the noise
+that part would get in one process, and the loss is normalised by the token count of the
+whole batch. So the gradient equals that of the same batch in one process, up to float
+rounding in the reduction.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from mmtok.api import resolve_device
+from torch import nn
+
 from mmtok.errors import MmtokError
-from mmtok.generate.model import T_MIN, Generator
+from mmtok.generate.model import T_MIN, DiffusionLoss, Generator
 from mmtok.generate.sequence import Batch, Example, build_batch, group_by_layout
 from mmtok.tokens import TokenSpace
+from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -64,18 +71,18 @@ class LayoutBatches:
     def layouts(self) -> list[list[str]]:
         return [list(batch.layout.modalities) for batch in self.batches]
 
-    def draw(self, step: int) -> Batch:
+    def draw(self, step: int, minimum_rows: int = 1) -> Batch:
+        """Return the batch of ``step``, with at least ``minimum_rows`` rows.
+
+        A segment order with fewer examples than ``batch_size`` gives all of them, and
+        repeats them when it has fewer than ``minimum_rows``.
+        """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         group = self.batches[int(torch.multinomial(self.sizes, 1, generator=generator))]
         rows = torch.randperm(len(group), generator=generator)[: self.batch_size]
-        return Batch(
-            ids=group.ids[rows],
-            modality_index=group.modality_index,
-            position_kind=group.position_kind,
-            maskable=group.maskable,
-            condition=group.condition,
-            layout=group.layout,
-        )
+        if len(rows) < minimum_rows:
+            rows = rows.repeat(-(-minimum_rows // len(rows)))[:minimum_rows]
+        return group.rows(rows)
 
 
 def train_generator(
@@ -128,37 +135,42 @@ def train_generator(
         raise MmtokError("no training examples")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
-    device = resolve_device(device)
+    context = distributed.setup(device)
+    device = context.device
     seed_everything(seed)
     model = _make_model(token_space, sequence_lengths, examples, model_args or {}).to(device)
     data = LayoutBatches(model, examples, batch_size, seed)
-    logger.info(
-        "training a %.2fM-parameter generator on %d examples in %d segment orders",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        len(examples),
-        len(data.batches),
-    )
+    if context.is_main:
+        logger.info(
+            "training a %.2fM-parameter generator on %d examples in %d segment orders, %d process(es)",
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            len(examples),
+            len(data.batches),
+            context.world_size,
+        )
 
     optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98))
     warmup_steps = max(1, steps // 20) if warmup_steps is None else warmup_steps
-    run = TrainingRun(output_dir, model, optimizer, steps, checkpoint_every, logdir, resume)
+    run = TrainingRun(output_dir, model, optimizer, steps, checkpoint_every, logdir, resume, context)
+    loss_module = run.wrap(_DiffusionLossModule(model))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def train_step(step: int) -> dict[str, float]:
         rate = learning_rate(step, steps, lr, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = rate
+        batch = data.draw(step, minimum_rows=context.world_size)
+        part = distributed.local_rows(len(batch), context)
         noise = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
         with autocast:
-            result = model.loss(data.draw(step).to(device), generator=noise)
+            result, scaled_loss = loss_module(batch.rows(part).to(device), noise, (part.start, len(batch)))
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        scaled_loss.backward()
         gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        values = {"loss": float(result.loss.detach()), "bits_per_token": result.bits_per_token, "lr": rate}
+        values = _batch_values(model.token_space.modalities, result)
+        values["lr"] = rate
         values["gradient_norm"] = float(gradient_norm)
-        for modality, bits in result.modality_bits_per_token.items():
-            values[f"bits_per_token/{modality}"] = bits
         return values
 
     def on_checkpoint() -> None:
@@ -167,6 +179,9 @@ def train_generator(
             run.log_scalars({f"validation/{name}": value for name, value in metrics.items()})
 
     run.run(train_step, on_checkpoint)
+    if not context.is_main:
+        distributed.barrier()  # wait until rank 0 has saved the model
+        return model
 
     model.metrics.update(
         {"train_steps": steps, "train_examples": len(examples), "train_batch_size": batch_size, "learning_rate": lr}
@@ -182,7 +197,53 @@ def train_generator(
         )
     model.save_pretrained(output_dir)
     logger.info("saved the generator to %s", output_dir)
+    distributed.barrier()
     return model
+
+
+class _DiffusionLossModule(nn.Module):
+    """Route :meth:`Generator.loss` through ``forward``, which DistributedDataParallel wraps.
+
+    Returns the :class:`DiffusionLoss` of this process's rows and the loss to
+    differentiate: the ELBO sum of the rows divided by the token count of the whole batch,
+    times the number of processes, so that DDP's gradient average equals the gradient of
+    the whole batch's mean loss.
+    """
+
+    def __init__(self, model: Generator) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: Batch, noise: torch.Generator, rows_of: tuple[int, int]
+    ) -> tuple[DiffusionLoss, torch.Tensor]:
+        result = self.model.loss(batch, generator=noise, rows_of=rows_of)
+        local_tokens = float(sum(result.tokens.values()))
+        if not distributed.active():
+            return result, result.loss
+        total_tokens = float(distributed.sum_over_ranks(torch.tensor([local_tokens], dtype=torch.float64))[0])
+        world_size = torch.distributed.get_world_size()
+        return result, result.loss * (local_tokens * world_size / max(total_tokens, 1.0))
+
+
+def _batch_values(modalities: list[str], result: DiffusionLoss) -> dict[str, float]:
+    """Return the loss and bits per token of the whole batch, summed over processes.
+
+    ``loss`` is nats per counted token and ``bits_per_token/<modality>`` is bits per
+    counted token of that modality, as :meth:`Generator.loss` reports them in one process.
+    """
+    tokens = [float(result.tokens.get(m, 0)) for m in modalities]
+    bits = [float(result.elbo_bits.get(m, 0.0)) for m in modalities]
+    total = sum(tokens)
+    local = torch.tensor([float(result.loss.detach()) * total, total, *bits, *tokens], dtype=torch.float64)
+    summed = distributed.sum_over_ranks(local).tolist()
+    loss = summed[0] / max(summed[1], 1.0)
+    values = {"loss": loss, "bits_per_token": loss / math.log(2)}
+    count = len(modalities)
+    for index, modality in enumerate(modalities):
+        if summed[2 + count + index]:
+            values[f"bits_per_token/{modality}"] = summed[2 + index] / summed[2 + count + index]
+    return values
 
 
 def _make_model(

@@ -7,6 +7,9 @@ optional ``caption``. A captioned item becomes a text-conditioned example, so th
 generator learns ``<text> caption </text> <image> ... </image>``; a share of captioned
 items also appears without the caption, so unconditional generation has a trained layout.
 
+A modality can also come from token shards that ``mmtok encode-dataset`` wrote (see
+:mod:`mmtok.shards`); each shard item becomes unconditional examples.
+
 Reproduce the bundled generator with::
 
     mmtok train generator --data data --output runs/generator
@@ -17,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -28,8 +33,10 @@ from tqdm import tqdm
 from mmtok.errors import MmtokError
 from mmtok.modality import Sample
 from mmtok.plugins import get_plugin_manager
+from mmtok.shards import ShardDataset, read_json_lines
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import TokenSpace
+from mmtok.train import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +53,7 @@ def read_manifest(data_dir: Path, modality: str, split: str) -> list[dict[str, A
     path = Path(data_dir) / modality / f"{split}.jsonl"
     if not path.is_file():
         raise MmtokError(f"{path}: manifest not found; run scripts/prepare_data.py or pass --modalities")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise MmtokError(f"{path}:{number}: invalid JSON: {error}") from error
-    return rows
+    return read_json_lines(path)
 
 
 def windows(sequence: torch.Tensor, length: int, variable_length: bool) -> list[torch.Tensor]:
@@ -120,7 +118,7 @@ def tokenize_rows(
         lengths = torch.tensor([-1 if ids is None else len(ids) for ids in sequences], dtype=torch.int64)
         readable = [ids for ids in sequences if ids is not None]
         ids = torch.cat(readable) if readable else torch.zeros(0, dtype=torch.int64)
-        temporary = cache_path.with_suffix(".tmp")
+        temporary = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"ids": ids, "lengths": lengths}, str(temporary))
@@ -140,12 +138,19 @@ def build_examples(
     max_items: int | None = None,
     seed: int = 0,
     cache_dir: Path | None = None,
+    modalities: list[str] | None = None,
 ) -> list[Example]:
-    """Tokenize every item of ``split`` into generator examples (sequences cached in ``cache_dir``)."""
+    """Tokenize every item of ``split`` into generator examples (sequences cached in ``cache_dir``).
+
+    ``modalities`` selects which of ``tokenizers`` to read from ``data_dir`` (all when
+    None); the text tokenizer encodes captions either way.
+    """
     random_state = random.Random(seed)
     text = tokenizers.get("text")
     examples: list[Example] = []
     for modality, tokenizer in tokenizers.items():
+        if modalities is not None and modality not in modalities:
+            continue
         rows = read_manifest(data_dir, modality, split)[:max_items]
         length = sequence_lengths[modality]
         options = sequence_options.get(modality, {})
@@ -163,12 +168,50 @@ def build_examples(
                 else:
                     examples.append([(modality, piece)])
     if not examples:
-        raise MmtokError(f"{data_dir}: no {split} examples for {', '.join(tokenizers)}")
+        raise MmtokError(f"{data_dir}: no {split} examples for {', '.join(modalities or tokenizers)}")
     return examples
 
 
+def build_shard_examples(
+    dataset: ShardDataset,
+    tokenizer: Tokenizer,
+    length: int,
+    options: dict[str, Any],
+    variable_length: bool,
+    max_items: int | None = None,
+) -> list[Example]:
+    """Cut every item of a shard folder into unconditional examples of ``length`` ids."""
+    examples: list[Example] = []
+    for number, item in enumerate(dataset):
+        if max_items is not None and number >= max_items:
+            break
+        codes = torch.from_numpy(np.asarray(item.codes, dtype=np.int64))
+        try:
+            sequence = tokenizer.to_sequence(codes, **options).to(torch.int64)
+        except (MmtokError, ValueError, RuntimeError, IndexError) as error:
+            raise MmtokError(f"{dataset.folder}: item {item.path!r} does not fit the tokenizer ({error})") from error
+        examples.extend([(dataset.modality, piece)] for piece in windows(sequence, length, variable_length))
+    if not examples:
+        raise MmtokError(f"{dataset.folder}: no examples; the shards contain no items")
+    return examples
+
+
+def open_shards(folder: Path, modality: str, tokenizer: Tokenizer) -> ShardDataset:
+    """Open a shard folder and check that ``tokenizer`` made its tokens."""
+    dataset = ShardDataset(folder)
+    if dataset.modality != modality:
+        raise MmtokError(f"{folder}: contains {dataset.modality} tokens, not {modality}")
+    if dataset.tokenizer_hash != tokenizer.weights_hash():
+        raise MmtokError(
+            f"{folder}: tokens were made by tokenizer {dataset.tokenizer!r} (weights {dataset.tokenizer_hash}), "
+            f"not by {tokenizer.name_or_path!r} (weights {tokenizer.weights_hash()}); pass --tokenizer "
+            f"{modality}=NAME with the tokenizer that encoded them"
+        )
+    return dataset
+
+
 def train_generator_from_folder(
-    data_dir: Path,
+    data_dir: Path | None,
     output_dir: Path,
     modalities: list[str],
     tokenizer_names: dict[str, str] | None = None,
@@ -181,21 +224,40 @@ def train_generator_from_folder(
     checkpoint_every: int = 250,
     model_args: dict[str, Any] | None = None,
     max_items: int | None = None,
+    shards: dict[str, Path] | None = None,
+    validation_shards: dict[str, Path] | None = None,
+    device: str = "auto",
 ) -> Any:
     """Tokenize ``data_dir`` with each modality's tokenizer and train a generator on it.
 
     ``model_args`` are :class:`mmtok.generate.Generator` arguments; ``sequence_lengths``
     and ``sequence_options`` among them override the tokenizers' defaults per modality.
+    A modality in ``shards`` reads its training items from that ``mmtok encode-dataset``
+    folder instead of ``data_dir``, and its held-out items from ``validation_shards``
+    when that names it. Its tokenizer defaults to the one the shards record.
     """
     from mmtok.api import load_tokenizer
     from mmtok.train.generator import train_generator
 
+    context = distributed.setup(device)
     manager = get_plugin_manager()
     model_args = dict(model_args or {})
+    shards = dict(shards or {})
+    validation_shards = dict(validation_shards or {})
+    unknown = sorted((set(shards) | set(validation_shards)) - set(modalities))
+    if unknown:
+        raise MmtokError(
+            f"shards given for {', '.join(unknown)}, which are not among the modalities {', '.join(modalities)}"
+        )
+    from_folder = [modality for modality in modalities if modality not in shards]
+    if from_folder and data_dir is None:
+        raise MmtokError(f"no data for {', '.join(from_folder)}: pass --data or --shards {from_folder[0]}=DIR")
     tokenizers: dict[str, Tokenizer] = {}
     for modality in modalities:
-        name = (tokenizer_names or {}).get(modality) or manager.modality(modality).default_tokenizer
-        tokenizers[modality] = load_tokenizer(name, modality)
+        name = (tokenizer_names or {}).get(modality)
+        if name is None and modality in shards:
+            name = ShardDataset(shards[modality]).tokenizer
+        tokenizers[modality] = load_tokenizer(name or manager.modality(modality).default_tokenizer, modality)
     sequence_lengths: dict[str, int] = {}
     sequence_options: dict[str, dict[str, Any]] = {}
     for modality, tokenizer in tokenizers.items():
@@ -210,11 +272,17 @@ def train_generator_from_folder(
             for m, t in tokenizers.items()
         ]
     )
-    arguments = (tokenizers, sequence_lengths, sequence_options, variable_length)
-    cache_dir = Path(data_dir) / ".cache" / "generator-tokens"
-    examples = build_examples(data_dir, "train", *arguments, max_items=max_items, seed=seed, cache_dir=cache_dir)
-    validation = build_examples(data_dir, "val", *arguments, max_items=max_items, seed=seed + 1, cache_dir=cache_dir)
-    logger.info("built %d training and %d validation examples", len(examples), len(validation))
+    # Rank 0 tokenizes first and fills the token cache, which the other ranks then read.
+    if not context.is_main:
+        distributed.barrier()
+    arguments = (tokenizers, sequence_lengths, sequence_options, variable_length, max_items)
+    examples = _examples(data_dir, "train", from_folder, shards, *arguments, seed=seed)
+    validation = _examples(data_dir, "val", from_folder, validation_shards, *arguments, seed=seed + 1)
+    if context.is_main:
+        distributed.barrier()
+        logger.info("built %d training and %d validation examples", len(examples), len(validation))
+    if not examples:
+        raise MmtokError("no training examples")
     model_args["sequence_options"] = sequence_options
     return train_generator(
         examples,
@@ -229,5 +297,36 @@ def train_generator_from_folder(
         resume=resume,
         checkpoint_every=checkpoint_every,
         model_args=model_args,
-        validation_examples=validation,
+        validation_examples=validation or None,
+        device=device,
     )
+
+
+def _examples(
+    data_dir: Path | None,
+    split: str,
+    from_folder: list[str],
+    shards: dict[str, Path],
+    tokenizers: dict[str, Tokenizer],
+    sequence_lengths: dict[str, int],
+    sequence_options: dict[str, dict[str, Any]],
+    variable_length: list[str],
+    max_items: int | None,
+    seed: int,
+) -> list[Example]:
+    """Build the examples of one split from the data folder and the shard folders."""
+    examples: list[Example] = []
+    if from_folder:
+        cache_dir = Path(data_dir) / ".cache" / "generator-tokens"
+        examples += build_examples(
+            data_dir, split, tokenizers, sequence_lengths, sequence_options, variable_length,
+            max_items=max_items, seed=seed, cache_dir=cache_dir, modalities=from_folder,
+        )
+    for modality, folder in shards.items():
+        tokenizer = tokenizers[modality]
+        dataset = open_shards(folder, modality, tokenizer)
+        examples += build_shard_examples(
+            dataset, tokenizer, sequence_lengths[modality], sequence_options.get(modality, {}),
+            modality in variable_length, max_items,
+        )
+    return examples

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtok.errors import MmtokError
+from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
 
 from mmtok_audio.losses import LogMelDistance, SpectralLoss, si_snr
@@ -92,27 +93,39 @@ def load_clips(files: list[Path], sample_rate: int, as_int16: bool = False) -> l
     return clips
 
 
-def sample_segments(clips: list[torch.Tensor], batch_size: int, segment_samples: int) -> torch.Tensor:
-    """Draw random float32 ``(B, 1, segment_samples)`` segments with random gain, using torch's global RNG.
+def sample_segments(
+    clips: list[torch.Tensor],
+    batch_size: int,
+    segment_samples: int,
+    generator: torch.Generator | None = None,
+    rows: slice = slice(None),
+) -> torch.Tensor:
+    """Draw random float32 ``(B, 1, segment_samples)`` segments with random gain.
 
     ``clips`` are as :func:`load_clips` returns them, float32 or int16. A clip is chosen
     with probability proportional to its length, so every second of audio is equally
-    likely. Clips shorter than a segment are zero-padded on the right.
+    likely. Clips shorter than a segment are zero-padded on the right. The draws come
+    from ``generator`` (torch's global one when None) and are made for all
+    ``batch_size`` segments; only the segments ``rows`` are cut and returned, so each
+    process of a distributed run gets its part of the same batch.
     """
     lengths = torch.tensor([clip.shape[0] for clip in clips], dtype=torch.float64)
-    choices = torch.multinomial(lengths, batch_size, replacement=True)
+    choices = torch.multinomial(lengths, batch_size, replacement=True, generator=generator)
+    starts = [
+        int(torch.randint(max(clips[index].shape[0] - segment_samples, 0) + 1, (), generator=generator))
+        for index in choices.tolist()
+    ]
+    low, high = GAIN_RANGE_DB
+    gain_db = torch.rand(batch_size, 1, 1, generator=generator) * (high - low) + low
     segments = []
-    for index in choices.tolist():
+    for index, start in list(zip(choices.tolist(), starts))[rows]:
         clip = clips[index]
-        start = int(torch.randint(max(clip.shape[0] - segment_samples, 0) + 1, ()).item())
         segment = clip[start : start + segment_samples].float()
         if clip.dtype == torch.int16:
             segment = segment / 32768.0
         segments.append(F.pad(segment, (0, segment_samples - segment.shape[0])))
     batch = torch.stack(segments).unsqueeze(1)  # (B, 1, T)
-    low, high = GAIN_RANGE_DB
-    gain_db = torch.rand(batch_size, 1, 1) * (high - low) + low
-    return batch * 10.0 ** (gain_db / 20.0)
+    return batch * 10.0 ** (gain_db[rows] / 20.0)
 
 
 # Evaluation -------------------------------------------------------------------------
@@ -185,7 +198,7 @@ def train_audio_tokenizer(
     checkpoint_every: int = 250,
     model_args: dict[str, Any] | None = None,
     quantizer_dropout: float = 0.1,
-    device: str = "cpu",
+    device: str = "auto",
     command: str | None = None,
 ) -> AudioTokenizer:
     """Train an :class:`AudioTokenizer` on ``data_dir`` and save it to ``output_dir``.
@@ -202,11 +215,19 @@ def train_audio_tokenizer(
 
         python -m mmtok_audio.train --data data --output runs/audio-tokenizer --threads 1 --logdir runs/logs/audio
 
+    The segments, gains and quantizer dropout of a step are functions of ``(seed,
+    step)``, so a resumed run trains on the same batches as an uninterrupted one.
+
     Args:
+        batch_size: segments per step in all processes together; under ``torchrun`` each
+            process trains on its part of the batch.
         quantizer_dropout: probability that a step uses a random smaller number of
             residual levels (1 to levels - 1) instead of all of them.
         model_args: keyword arguments of :class:`AudioTokenizer`; its defaults when None.
+        device: ``auto``, ``cpu`` or ``cuda``.
     """
+    context = distributed.setup(device)
+    device = context.device
     seed_everything(seed)
     tokenizer = AudioTokenizer(**(model_args or {})).to(device)
     sample_rate = tokenizer.sample_rate
@@ -217,37 +238,46 @@ def train_audio_tokenizer(
     train_clips = load_clips(train_files, sample_rate, as_int16=True)
     validation_clips = load_clips(validation_files, sample_rate)
     train_seconds = sum(clip.shape[0] for clip in train_clips) / sample_rate
-    logger.info(
-        "loaded %d training files (%.1f min) and %d validation files",
-        len(train_clips),
-        train_seconds / 60,
-        len(validation_clips),
-    )
+    if context.is_main:
+        logger.info(
+            "loaded %d training files (%.1f min) and %d validation files",
+            len(train_clips),
+            train_seconds / 60,
+            len(validation_clips),
+        )
 
     spectral_loss = SpectralLoss(sample_rate).to(device)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=0.0)
-    run = TrainingRun(output_dir, tokenizer, optimizer, steps, checkpoint_every, logdir, resume)
+    run = TrainingRun(output_dir, tokenizer, optimizer, steps, checkpoint_every, logdir, resume, context)
+    forward = run.wrap(tokenizer)
+    part = distributed.local_rows(batch_size, context)
+    # Scaled by this process's share of the batch, so DDP's gradient average equals the
+    # gradient of the whole batch's mean loss.
+    share = (part.stop - part.start) * context.world_size / batch_size
 
     def train_step(step: int) -> dict[str, float]:
         learning_rate = _learning_rate(step, steps, lr)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        batch = sample_segments(train_clips, batch_size, segment_samples).to(device)  # (B, 1, T)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        batch = sample_segments(train_clips, batch_size, segment_samples, generator, part).to(device)  # (B, 1, T)
+        # Every process draws the same number of levels: each level's codebook update is
+        # a collective operation that all processes must join.
         levels = None
-        if tokenizer.levels > 1 and float(torch.rand(())) < quantizer_dropout:
-            levels = int(torch.randint(1, tokenizer.levels, ()).item())
+        if tokenizer.levels > 1 and float(torch.rand((), generator=generator)) < quantizer_dropout:
+            levels = int(torch.randint(1, tokenizer.levels, (), generator=generator))
 
-        output = tokenizer(batch, levels)
+        output = forward(batch, levels)
         wave_l1 = F.l1_loss(output.reconstruction, batch)
         spectral = spectral_loss(output.reconstruction, batch)
         stft = spectral["spectral_convergence"] + spectral["log_magnitude"]
         loss = WAVE_L1_WEIGHT * wave_l1 + STFT_WEIGHT * stft + MEL_WEIGHT * spectral["log_mel"] + output.quantizer.loss
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), 1.0)
         optimizer.step()
-        return {
+        values = {
             "loss": loss.item(),
             "log_mel": spectral["log_mel"].item(),
             "usage": output.quantizer.usage,
@@ -255,8 +285,8 @@ def train_audio_tokenizer(
             "wave_l1": wave_l1.item(),
             "commitment": output.quantizer.loss.item(),
             "perplexity": output.quantizer.perplexity,
-            "lr": learning_rate,
         }
+        return {**distributed.mean_over_ranks(values, weight=part.stop - part.start), "lr": learning_rate}
 
     def on_checkpoint() -> None:
         clips = validation_clips[:CHECKPOINT_VALIDATION_CLIPS]
@@ -271,6 +301,9 @@ def train_audio_tokenizer(
         run.log_audio("validation/reconstruction", reconstruction.cpu(), sample_rate)
 
     run.run(train_step, on_checkpoint)
+    if not context.is_main:
+        distributed.barrier()  # wait until rank 0 has saved the model
+        return tokenizer
 
     tokenizer.metrics = evaluate_tokenizer(tokenizer, validation_clips)
     if command is None:
@@ -288,6 +321,7 @@ def train_audio_tokenizer(
     )
     tokenizer.save_pretrained(output_dir)
     logger.info("saved %s with metrics %s", output_dir, tokenizer.metrics)
+    distributed.barrier()
     return tokenizer
 
 
@@ -307,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", type=Path, default=None, help="TensorBoard log folder (none by default)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    parser.add_argument("--device", default="cpu", help="torch device, such as cpu or cuda")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default when omitted)")
     arguments = parser.parse_args(argv)
 

@@ -5,7 +5,9 @@ Reproduce the bundled default (after ``python scripts/prepare_data.py``) with::
     mmtok train tokenizer --modality image --data data/image --output runs/image-tokenizer
 
 The loss is pixel L1 plus MSE plus the quantizer's commitment loss, with straight-through
-gradients through the codebook.
+gradients through the codebook. The images and flips of a step are functions of
+``(seed, step)``, so a resumed run trains on the same batches as an uninterrupted one,
+and under ``torchrun`` each process takes its part of the same global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmtok import MmtokError
+from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
 from mmtok_image.modality import to_rgb
 from mmtok_image.tokenizer import ImageTokenizer
@@ -76,12 +79,13 @@ def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
 def evaluate(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
     """Measure PSNR and codebook usage on ``(N, 3, R, R)`` uint8 images."""
     tokenizer.eval()
+    device = next(tokenizer.parameters()).device
     scores, used = [], torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].float() / 255
+        batch = images[start : start + batch_size].to(device).float() / 255
         codes = tokenizer.encode_tensor(batch)
-        used[codes.flatten().unique()] = True
-        scores.append(psnr(batch, tokenizer.decode_tensor(codes)))
+        used[codes.flatten().unique().cpu()] = True
+        scores.append(psnr(batch, tokenizer.decode_tensor(codes)).cpu())
     return {
         "val_psnr_db": round(float(torch.cat(scores).mean()), 2),
         "val_codebook_usage": round(float(used.float().mean()), 3),
@@ -100,55 +104,73 @@ def train_image_tokenizer(
     checkpoint_every: int = 250,
     model_args: dict | None = None,
     max_images: int | None = None,
+    device: str = "auto",
 ) -> ImageTokenizer:
-    """Train an image tokenizer on ``data_dir`` and save it to ``output_dir``."""
+    """Train an image tokenizer on ``data_dir`` and save it to ``output_dir``.
+
+    ``batch_size`` is the global batch; under ``torchrun`` each process trains on its
+    part of it. ``device`` is ``auto``, ``cpu`` or ``cuda``.
+    """
+    context = distributed.setup(device)
     seed_everything(seed)
     tokenizer = ImageTokenizer(**(model_args or {"resolution": 64, "channels": [24, 48, 96, 128], "codebook_size": 512}))
+    tokenizer.to(context.device)
     train_files = list_images(data_dir, "train")[:max_images]
     validation_files = list_images(data_dir, "val")[: max(64, (max_images or 0) // 10) if max_images else None]
-    logger.info("loading %d training and %d validation images", len(train_files), len(validation_files))
+    if context.is_main:
+        logger.info("loading %d training and %d validation images", len(train_files), len(validation_files))
     train_images = load_images(train_files, tokenizer)
     validation_images = load_images(validation_files, tokenizer)
 
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    run = TrainingRun(output_dir, tokenizer, optimizer, steps, checkpoint_every, logdir, resume)
+    run = TrainingRun(output_dir, tokenizer, optimizer, steps, checkpoint_every, logdir, resume, context)
+    forward = run.wrap(tokenizer)
     warmup = max(1, steps // 50)
-    generator = torch.Generator().manual_seed(seed + run.step)
+    part = distributed.local_rows(batch_size, context)
+    # Each process's mean loss is scaled by its share of the batch, so that DDP's average
+    # of the gradients equals the gradient of the mean over the whole batch.
+    share = (part.stop - part.start) * context.world_size / batch_size
 
     def train_step(step: int) -> dict[str, float]:
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.02)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         indices = torch.randint(len(train_images), (batch_size,), generator=generator)
-        batch = train_images[indices].float() / 255
         flip = torch.rand(batch_size, generator=generator) < 0.5
-        batch[flip] = batch[flip].flip(-1)
-        reconstruction, quantized = tokenizer(batch)
+        batch = train_images[indices[part]].float() / 255
+        batch[flip[part]] = batch[flip[part]].flip(-1)
+        batch = batch.to(context.device)
+        reconstruction, quantized = forward(batch)
         l1 = F.l1_loss(reconstruction, batch)
         mse = F.mse_loss(reconstruction, batch)
         loss = l1 + mse + quantized.loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), 1.0)
         optimizer.step()
-        return {
-            "loss": float(loss),
-            "l1": float(l1),
+        values = {
+            "loss": float(loss.detach()),
+            "l1": float(l1.detach()),
             "psnr": float(psnr(batch, reconstruction.detach().clamp(0, 1)).mean()),
             "usage": quantized.usage,
             "perplexity": quantized.perplexity,
         }
+        return distributed.mean_over_ranks(values, weight=part.stop - part.start)
 
     def on_checkpoint() -> None:
         metrics = evaluate(tokenizer, validation_images)
         run.log_scalars(metrics)
         sample = validation_images[:8].float() / 255
-        reconstruction = tokenizer.decode_tensor(tokenizer.encode_tensor(sample))
+        reconstruction = tokenizer.decode_tensor(tokenizer.encode_tensor(sample.to(context.device))).cpu()
         grid = torch.cat([torch.cat(list(sample), dim=2), torch.cat(list(reconstruction), dim=2)], dim=1)
         run.log_image("reconstructions", grid)
         logger.info("step %d: %s", run.step, metrics)
 
     run.run(train_step, on_checkpoint)
+    if not context.is_main:
+        distributed.barrier()  # wait until rank 0 has saved the model
+        return tokenizer
     tokenizer.metrics = evaluate(tokenizer, validation_images)
     tokenizer.metrics["val_images"] = len(validation_images)
     tokenizer.training_note = (
@@ -157,4 +179,5 @@ def train_image_tokenizer(
         f"`mmtok {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
     )
     tokenizer.save_pretrained(output_dir)
+    distributed.barrier()
     return tokenizer

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mmtok import MmtokError
+from mmtok.train import distributed
 from mmtok.train.loop import seed_everything
 from mmtok_text.tokenizer import TextTokenizer
 
@@ -43,7 +44,15 @@ def train_text_tokenizer(
     model_args: dict | None = None,
     **ignored,
 ) -> TextTokenizer:
-    """Train a SentencePiece tokenizer; ``model_args`` may set ``vocab_size`` (default 1024)."""
+    """Train a SentencePiece tokenizer; ``model_args`` may set ``vocab_size`` (default 1024).
+
+    SentencePiece trains in one process, so under ``torchrun`` rank 0 trains and saves
+    while the other processes wait, then load the saved tokenizer.
+    """
+    context = distributed.setup("cpu")
+    if not context.is_main:
+        distributed.barrier()
+        return TextTokenizer.from_pretrained(str(output_dir))
     seed_everything(seed)
     vocab_size = int((model_args or {}).get("vocab_size", 1024))
     records = read_records(data_dir, "train")
@@ -69,4 +78,5 @@ def train_text_tokenizer(
         f"Command: `mmtok {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
     )
     tokenizer.save_pretrained(output_dir)
+    distributed.barrier()
     return tokenizer
