@@ -187,7 +187,9 @@ def train_generator(
         {"train_steps": steps, "train_examples": len(examples), "train_batch_size": batch_size, "learning_rate": lr}
     )
     if validation_examples:
-        model.metrics.update(evaluate_bits_per_token(model, validation_examples, t_samples=FINAL_T_SAMPLES, seed=seed))
+        measured = evaluate_bits_per_token(model, validation_examples, t_samples=FINAL_T_SAMPLES, seed=seed)
+        # Four decimals are far below the estimate's sampling error and keep the card readable.
+        model.metrics.update({name: round(value, 4) for name, value in measured.items()})
         model.metrics["validation_examples"] = len(validation_examples)
     if not model.training_note:
         orders = "; ".join(" then ".join(layout) for layout in data.layouts)
