@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,23 @@ def run_rank(rank: int, port: int, root: Path) -> None:
     )
     save_state(audio, out / "audio.safetensors")
     distributed.shutdown()
+    leave_together(rank, root)
+
+
+def leave_together(rank: int, root: Path, timeout: float = 60.0) -> None:
+    """Keep rank 0 alive until every rank has shut down.
+
+    Rank 0 hosts the rendezvous store. When it exits while another rank is still closing
+    its process group, that rank aborts with "terminate called without an active exception".
+    """
+    (root / f"rank{rank}" / "done").touch()
+    if rank != 0:
+        return
+    deadline = time.monotonic() + timeout
+    while not all((root / f"rank{other}" / "done").exists() for other in range(WORLD_SIZE)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other ranks did not finish shutting down")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -99,8 +99,14 @@ def setup(device: str | torch.device = "auto") -> Context:
 
 
 def shutdown() -> None:
-    """Destroy the default process group, if this process created one."""
+    """Destroy the default process group, if this process created one.
+
+    The ranks first wait for each other, so no rank tears down its connections while
+    another still uses them.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
