@@ -185,6 +185,8 @@ class VectorQuantizer(Quantizer):
         # their code, as k-means++ seeds centroids: restarts go where the codebook fits
         # the data worst, so they split shared clusters instead of doubling covered ones.
         # Every rank takes the vectors chosen on rank 0, so codebooks stay equal.
+        # NOTE: they come from rank 0's part of the batch only, so N ranks restart codes
+        # differently from one process with the same global batch.
         weights = errors.clamp_min(0)
         candidates = int((weights > 0).sum())
         if candidates == 0:
