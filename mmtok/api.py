@@ -83,8 +83,13 @@ def encode_file(
     tokenizer: Tokenizer | str | None = None,
     modality: str | None = None,
     device: torch.device | str = "cpu",
+    options: dict[str, Any] | None = None,
 ) -> Tokens:
-    """Read and encode one file; the tokenizer defaults to the modality's default."""
+    """Read and encode one file; the tokenizer defaults to the modality's default.
+
+    ``options`` are keyword options of the tokenizer's ``encode_batch``, such as the image
+    tokenizer's ``resize``.
+    """
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, device=device)
     if tokenizer is not None and modality is None:
@@ -94,8 +99,10 @@ def encode_file(
         tokenizer = default_tokenizer(modality_name, device)
     elif tokenizer.modality != modality_name:
         raise MmtokError(f"{path}: is {modality_name}, but the tokenizer encodes {tokenizer.modality}")
+    options = options or {}
+    tokenizer.check_encode_options(options)
     try:
-        return tokenizer.encode(sample)
+        return tokenizer.encode(sample, **options)
     except MmtokError as error:
         raise MmtokError(f"{path}: {error}") from error
 
@@ -103,10 +110,19 @@ def encode_file(
 def decode_tokens(
     tokens: Tokens, tokenizer: Tokenizer | str | None = None, device: torch.device | str = "cpu"
 ) -> Sample:
-    """Decode tokens with the given tokenizer, or the one recorded in them."""
+    """Decode tokens with the given tokenizer, or the bundled one recorded in them.
+
+    Without ``tokenizer``, only a bundled tokenizer is loaded by the name the token file
+    records: a token file from elsewhere must not choose a folder or Hub repo to load.
+    """
     if tokenizer is None:
-        # NOTE: the name comes from the token file, so a downloaded file can make decode
-        # load any folder or Hub repo it names. The weights-hash check runs only after that.
+        from mmtok.hub import bundled_models
+
+        if tokens.tokenizer not in bundled_models():
+            raise MmtokError(
+                f"tokens were made by tokenizer {tokens.tokenizer!r}, which is not bundled; "
+                f"pass it explicitly (--tokenizer NAME_OR_PATH) if you trust it"
+            )
         tokenizer = tokens.tokenizer
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer, tokens.modality, device)

@@ -19,6 +19,7 @@ import importlib.resources
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ from huggingface_hub.errors import (
 from torch import nn
 
 from mmtok.errors import MmtokError
+from mmtok.modality import set_default_permissions
 from mmtok.tokens import pickle_kind
 
 logger = logging.getLogger(__name__)
@@ -122,24 +124,39 @@ def fetch_file(
         return path
     repo_id, subfolder = split_hub_name(resolved, subfolder)
     options = {key: value for key, value in hub_options.items() if key in HUB_OPTIONS and value is not None}
+    # The MmtokErrors below replace huggingface_hub's not-found errors (`from None`), so a
+    # traceback shows only mmtok's message, which names the model, the file and the reason.
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, **options))
-    except HFValidationError as error:
-        raise MmtokError(f"{display}: no such folder, and not a bundled model name or a Hub repo id") from error
-    except RepositoryNotFoundError as error:
-        raise MmtokError(f"{display}: Hub repository {repo_id!r} not found (or private without a token)") from error
-    except RevisionNotFoundError as error:
-        raise MmtokError(f"{display}: revision {options.get('revision')!r} not found in {repo_id!r}") from error
+    except HFValidationError:
+        raise MmtokError(f"{display}: no such folder, and not a bundled model name or a Hub repo id") from None
+    except RepositoryNotFoundError:
+        raise MmtokError(f"{display}: Hub repository {repo_id!r} not found (or private without a token)") from None
+    except RevisionNotFoundError:
+        raise MmtokError(f"{display}: revision {options.get('revision')!r} not found in {repo_id!r}") from None
     except LocalEntryNotFoundError as error:
         where = "the Hub cache" + (f" {options['cache_dir']}" if "cache_dir" in options else "")
-        reason = "offline mode (HF_HUB_OFFLINE) is on" if is_offline_mode() else "the Hub could not be reached"
         raise MmtokError(
-            f"{display}: not a folder or a bundled model name, and {filename} is not in {where}; {reason}"
-        ) from error
-    except EntryNotFoundError as error:
-        raise MmtokError(f"{display}: {filename} not found in the Hub repository {repo_id!r}") from error
+            f"{display}: not a folder or a bundled model name, and {filename} is not in {where}; "
+            f"{_cache_miss_reason(error, options)}"
+        ) from None
+    except EntryNotFoundError:
+        raise MmtokError(f"{display}: {filename} not found in the Hub repository {repo_id!r}") from None
     except HfHubHTTPError as error:
         raise MmtokError(f"{display}: could not fetch {filename} from the Hub: {error}") from error
+
+
+def _cache_miss_reason(error: LocalEntryNotFoundError, options: dict[str, Any]) -> str:
+    """Return why ``hf_hub_download`` could only look in the cache, for a not-found message."""
+    if is_offline_mode():
+        return "offline mode (HF_HUB_OFFLINE) is on"
+    if options.get("local_files_only"):
+        return "local_files_only is set"
+    cause = error.__cause__
+    if cause is None:
+        return "the Hub could not be reached"
+    # The cause is usually a connection error. Its message is all the user sees of the hidden chain.
+    return f"looking it up on the Hub failed ({type(cause).__name__}: {cause})"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -174,6 +191,16 @@ def model_class(config: dict[str, Any], name: str) -> type["HubModel"]:
     if not isinstance(qualified, str) or "." not in qualified:
         raise MmtokError(f"{name}: config.json has no mmtok_class; is it an mmtok model?")
     module_name, _, class_name = qualified.rpartition(".")
+    # A downloaded config must not make mmtok import arbitrary installed modules: import
+    # only from mmtok and loaded plugins. A module imported already runs no new code.
+    from mmtok.plugins import get_plugin_manager
+
+    trusted = {"mmtok"} | get_plugin_manager().packages
+    if module_name not in sys.modules and module_name.partition(".")[0] not in trusted:
+        raise MmtokError(
+            f"{name}: mmtok_class {qualified} belongs neither to mmtok nor to a loaded plugin "
+            f"({', '.join(sorted(trusted))}); install and load the plugin that provides it"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
@@ -327,6 +354,7 @@ class HubModel(
         # Shared storage (tied weights) must be cloned for safetensors.
         state = {name: tensor.detach().contiguous().clone() for name, tensor in self.state_dict().items()}
         safetensors.torch.save_file(state, str(save_directory / WEIGHTS_NAME))
+        set_default_permissions(save_directory / WEIGHTS_NAME)
 
     # Model card ---------------------------------------------------------------------
 

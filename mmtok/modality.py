@@ -41,6 +41,10 @@ class Modality:
     Subclasses set ``name`` (lowercase, unique), ``suffixes`` (lowercase file suffixes
     with the dot, used to pick the modality of a file) and ``default_tokenizer`` (a model
     name or path), and implement :meth:`read`, :meth:`write` and :meth:`tokenizer_class`.
+
+    Optional methods: :meth:`bundled_models`, :meth:`train_tokenizer` (`mmtok train
+    tokenizer`) and :meth:`evaluate_tokenizer` (`mmtok eval tokenizer`), which measures
+    how well a tokenizer reconstructs a set of files and returns rows of metrics.
     """
 
     name: ClassVar[str]
@@ -77,6 +81,21 @@ class Modality:
         """
         raise MmtokError(f"modality {self.name!r} does not support tokenizer training")
 
+    def evaluate_tokenizer(self, tokenizer: "Tokenizer", paths: list[Path], **options: Any) -> dict[str, Any]:
+        """Encode and decode ``paths`` with ``tokenizer`` and measure the reconstructions.
+
+        Returns a JSON-serialisable dict ``{"rows": [...], "summary": {...}}``. Each row is
+        a dict from metric name to value for one setting (one row per bitrate for audio,
+        one row for an image tokenizer). ``summary`` contains what applies to the whole
+        run, such as the number of files. ``options`` are the ``--option KEY=VALUE`` pairs
+        of `mmtok eval tokenizer` as strings, plus ``grid`` (a :class:`~pathlib.Path`) when
+        `--grid` asks for a picture of originals beside reconstructions. A modality raises
+        :class:`MmtokError` for an option it does not know.
+        """
+        raise MmtokError(
+            f"modality {self.name!r} has no evaluation; its plugin does not implement Modality.evaluate_tokenizer"
+        )
+
     def accepts(self, path: Path) -> bool:
         return path.suffix.lower() in self.suffixes
 
@@ -93,12 +112,26 @@ class Modality:
 def check_input_file(path: Path) -> int:
     """Raise :class:`MmtokError` unless ``path`` is a non-empty file; return its size in bytes."""
     path = Path(path)
+    if path.is_dir():
+        raise MmtokError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise MmtokError(f"{path}: file not found")
     size = path.stat().st_size
     if size == 0:
         raise MmtokError(f"{path}: file is empty")
     return size
+
+
+def set_default_permissions(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` or ``mkdir`` would, under the current umask.
+
+    Temporary files and folders, and safetensors' own writer, create files readable by
+    their owner only, which surprises anyone sharing the models or token files.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~umask)
 
 
 def fsync_file(path: Path) -> None:
@@ -142,9 +175,7 @@ def atomic_output(path: Path, *, force: bool = False) -> Iterator[Path]:
     os.close(handle)
     temporary = Path(name)
     # mkstemp creates the file readable by its owner only; give it the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
+    set_default_permissions(temporary)
     try:
         yield temporary
         fsync_file(temporary)

@@ -33,7 +33,7 @@ from huggingface_hub import ModelCard
 from mmtok.errors import MmtokError
 from mmtok.generate import Generator
 from mmtok.hub import CARD_NAME, HUB_OPTIONS, HubModel, fetch_file, load_model, read_json, render_card
-from mmtok.modality import Sample
+from mmtok.modality import Sample, set_default_permissions
 from mmtok.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -263,9 +263,7 @@ class Pipeline:
 
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         # mkdtemp creates the folder for its owner only; give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+        set_default_permissions(staging)
         try:
             for subfolder, model in self.components().items():
                 model.save_pretrained(staging / subfolder)

@@ -9,6 +9,7 @@ as one warning. The other plugins and every command keep working.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import os
 import warnings
@@ -58,6 +59,8 @@ class PluginManager:
         self.hooks.add_hookspecs(hookspecs)
         self.modalities: dict[str, Modality] = {}
         self.plugins: list[PluginInfo] = []
+        # Top-level packages of the loaded plugins, whose model classes load_model may import.
+        self.packages: set[str] = set()
         self._load()
 
     @property
@@ -82,6 +85,8 @@ class PluginManager:
             try:
                 plugin = entry_point.load()
                 self.hooks.register(plugin, name=entry_point.name)
+                module_name = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__module__
+                self.packages.add(module_name.partition(".")[0])
             except Exception as error:  # noqa: BLE001 - any import failure is the plugin's fault
                 self._fail(info, [f"failed to load: {type(error).__name__}: {error}"])
                 continue
@@ -144,10 +149,14 @@ class PluginManager:
 
     def modality_for_file(self, path: Path) -> Modality:
         """Pick the modality whose suffixes include the file's suffix."""
+        if Path(path).is_dir():
+            raise MmtokError(f"{path}: is a folder, not a file")
         for modality in self.modalities.values():
             if modality.accepts(Path(path)):
                 return modality
         known = sorted({suffix for m in self.modalities.values() for suffix in m.suffixes})
+        if not known:
+            raise MmtokError(f"{path}: no modality plugin is loaded; check MMTOK_LOAD_PLUGINS and `mmtok plugins`")
         raise MmtokError(
             f"{path}: unsupported file type {Path(path).suffix or '(no suffix)'!r}; "
             f"known suffixes: {' '.join(known)}; or pass --modality"

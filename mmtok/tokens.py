@@ -71,6 +71,8 @@ class Tokens:
         never unpickled.
         """
         path = Path(path)
+        if path.is_dir():
+            raise MmtokError(f"{path}: is a folder, not a file")
         if not path.is_file():
             raise MmtokError(f"{path}: file not found")
         try:
