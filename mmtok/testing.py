@@ -1,9 +1,10 @@
 """Conformance checks for modality plugins, for a plugin author's own tests.
 
 Each check tests one convention that the rest of mmtok relies on. Files read and write
-back, and tokens have the documented types and ranges. A saved tokenizer reloads to the
-same tokens, batches equal single calls and eval mode is deterministic. Bad input raises
-:class:`mmtok.MmtokError` naming the file. Run them all at once::
+back, and tokens have the documented types and ranges. The weights hash depends on the
+tokenizer's settings, and the model card has its variables. A saved tokenizer reloads to
+the same tokens, batches equal single calls and eval mode is deterministic. Bad input
+raises :class:`mmtok.MmtokError` naming the file. Run them all at once::
 
     from mmtok.testing import check_modality
 
@@ -22,6 +23,7 @@ starts with the check's name.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import tempfile
@@ -41,6 +43,9 @@ CORRUPT_BYTES = b"\x00\xffmmtok conformance: not a real file\xfe\x80\x81" * 4
 
 # Far above any codebook, so decode must reject it.
 OUT_OF_RANGE_CODE = 2**40
+
+# Keys that card_variables() must return, because the model card and `mmtok info` show them.
+CARD_VARIABLES = ("modality", "architecture", "vocab_size", "token_rate", "example_suffix")
 
 
 class ConformanceError(AssertionError):
@@ -65,6 +70,8 @@ class ModalityChecks:
         truncated_is_error: whether a file cut to half its length must be rejected as
             corrupt. Set False for formats where a prefix can be valid, such as text.
         corrupt_bytes: content that ``read`` must reject; None skips that case.
+        settings_outside_hash: constructor arguments that do not change what codes mean
+            (a batch size, a thread count), so the weights hash need not depend on them.
     """
 
     modality: Modality
@@ -75,6 +82,7 @@ class ModalityChecks:
     same_shape: bool = True
     truncated_is_error: bool = True
     corrupt_bytes: bytes | None = CORRUPT_BYTES
+    settings_outside_hash: Sequence[str] = ()
     _samples: list[Sample] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -321,6 +329,102 @@ class ModalityChecks:
             if not torch.equal(loaded.encode(sample).codes, self.model.encode(sample).codes):
                 raise ConformanceError(f"{path}: the reloaded tokenizer gives other codes")
 
+    def check_weights_hash(self) -> None:
+        """Check that the weights hash depends on the tokenizer's tensors and settings.
+
+        The hash covers only the tensors of the state dict, so it cannot tell settings
+        apart that are kept in plain attributes. When a tokenizer rebuilt from its config
+        has the same hash as the one under test, its tensors follow from the settings
+        alone (no trained weights). Then each int, float and bool setting is changed in
+        turn, and the rebuilt tokenizer must have another hash. A changed value that the
+        constructor rejects is skipped.
+        """
+        own_hash = self.model.weights_hash()
+        if not self.model.state_dict():
+            raise ConformanceError(
+                f"{type(self.model).__name__} has no parameters or buffers, so model.safetensors is empty and its "
+                f"weights hash {own_hash} is the same for every setting: tokens made with one setting would decode "
+                "with another without an error. Store the settings in a buffer, for example "
+                "self.register_buffer('settings', torch.tensor([...]))"
+            )
+        settings = self._settings()
+        if settings is None:
+            return
+        try:
+            rebuilt_hash = _rebuilt_hash(type(self.model), settings)
+        except Exception as error:  # noqa: BLE001 - any failure is the one being reported
+            raise ConformanceError(
+                f"{type(self.model).__name__}(**config) failed with {type(error).__name__}: {error}; "
+                "load_model builds tokenizers from config.json the same way"
+            ) from None
+        if rebuilt_hash != own_hash:
+            return
+        for name, value in settings.items():
+            if name in self.settings_outside_hash:
+                continue
+            for changed in _changed_values(value):
+                try:
+                    changed_hash = _rebuilt_hash(type(self.model), {**settings, name: changed})
+                except Exception:  # noqa: BLE001 - the constructor rejects this value; try the next one
+                    continue
+                if changed_hash == own_hash:
+                    raise ConformanceError(
+                        f"changing the setting {name} from {value!r} to {changed!r} leaves the weights hash at "
+                        f"{own_hash}, so tokens made with one value would decode with the other without an error. "
+                        f"Store {name} in a buffer, or pass settings_outside_hash=({name!r},) if it does not change "
+                        "what codes mean"
+                    )
+                break
+
+    def _settings(self) -> dict[str, Any] | None:
+        """Return the constructor arguments that save_pretrained writes to config.json, or None."""
+        # huggingface_hub's mixin records the arguments here; HubModel.save_pretrained reads it too.
+        config = getattr(self.model, "_hub_mixin_config", None)
+        if not isinstance(config, dict):
+            return None
+        parameters = inspect.signature(type(self.model).__init__).parameters
+        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+            return dict(config)
+        return {name: value for name, value in config.items() if name in parameters and name != "self"}
+
+    def check_card(self) -> None:
+        """Check card_variables(), metrics and training_note, which the model card and `mmtok info` show."""
+        variables = self.model.card_variables()
+        if not isinstance(variables, dict):
+            raise ConformanceError(f"card_variables() returned {_describe(variables)}, not a dict")
+        missing = [key for key in CARD_VARIABLES if variables.get(key) in (None, "")]
+        if missing:
+            raise ConformanceError(
+                f"card_variables() has no {', '.join(missing)}; return a dict with non-empty {', '.join(CARD_VARIABLES)}"
+            )
+        for key in ("architecture", "token_rate", "example_suffix"):
+            if not isinstance(variables[key], str):
+                raise ConformanceError(f"card_variables()[{key!r}] is {_describe(variables[key])}, not a str")
+
+        expected = {
+            "modality": self.modality.name,
+            "vocab_size": self.model.vocab_size,
+        }
+        for key, value in expected.items():
+            if variables[key] != value:
+                raise ConformanceError(f"card_variables()[{key!r}] is {variables[key]!r}, not {value!r}")
+        if variables["example_suffix"] not in self.modality.suffixes:
+            raise ConformanceError(
+                f"card_variables()['example_suffix'] is {variables['example_suffix']!r}, not one of {self.modality.suffixes}"
+            )
+        _check_json(variables, "card_variables()")
+
+        metrics = self.model.metrics
+        if not isinstance(metrics, dict):
+            raise ConformanceError(f"tokenizer.metrics is {_describe(metrics)}, not a dict")
+        for name, value in metrics.items():
+            if not isinstance(name, str) or not isinstance(value, (int, float, str)):
+                raise ConformanceError(
+                    f"tokenizer.metrics[{name!r}] is {_describe(value)}; metrics map names to numbers or strings"
+                )
+        if not isinstance(self.model.training_note, str):
+            raise ConformanceError(f"tokenizer.training_note is {_describe(self.model.training_note)}, not a str")
+
     def check_batch(self) -> None:
         """Check that encode_batch of all samples equals encoding each one alone."""
         batch = self.model.encode_batch(list(self.samples))
@@ -371,6 +475,8 @@ CHECKS: tuple[str, ...] = (
     "token_file",
     "rejects_foreign_tokens",
     "save_load",
+    "weights_hash",
+    "card",
     "batch",
     "determinism",
     "generation",
@@ -386,7 +492,8 @@ def check_modality(
     """Run every conformance check on ``modality``; return the names of the checks run.
 
     ``options`` are the other arguments of :class:`ModalityChecks` (``workdir``,
-    ``write_atol``, ``same_shape``, ``truncated_is_error``, ``corrupt_bytes``).
+    ``write_atol``, ``same_shape``, ``truncated_is_error``, ``corrupt_bytes``,
+    ``settings_outside_hash``).
 
     Raises:
         ConformanceError: the first check that fails, named in the message.
@@ -447,6 +554,25 @@ def _expect_error(action: Callable[[], Any], path: Path, what: str) -> None:
     except Exception as error:  # noqa: BLE001 - any other type is the failure being reported
         raise ConformanceError(f"{what} ({path}) raised {type(error).__name__}: {error}; it must raise MmtokError") from None
     raise ConformanceError(f"{what} ({path}) raised no error; it must raise MmtokError")
+
+
+def _rebuilt_hash(cls: type[Tokenizer], settings: dict[str, Any]) -> str:
+    """Return the weights hash of ``cls(**settings)``, leaving the global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return cls(**settings).weights_hash()
+
+
+def _changed_values(value: Any) -> list[Any]:
+    """Return other values of a setting to try, in order; none for settings that are not numbers or flags."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        candidates: list[Any] = [value + 1, value - 1, value * 2]
+    elif isinstance(value, float):
+        candidates = [value * 2, value / 2, value + 1.0]
+    else:
+        return []
+    return [candidate for candidate in candidates if candidate != value]
 
 
 def _replace(tokens: Tokens, **changes: Any) -> Tokens:

@@ -7,6 +7,7 @@ commit it would make.
 """
 
 import json
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -218,6 +219,58 @@ def test_missing_revision_offline(saved, hub_cache):
     hub_cache.add("someone/tiny-image", saved[1])
     with pytest.raises(MmtokError, match="not in the Hub cache"):
         load_model("someone/tiny-image", revision="dev")
+
+
+def test_offline_miss_hides_hub_error(hub_cache):
+    with pytest.raises(MmtokError) as caught:
+        load_model("someone/absent")
+    error = caught.value
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    shown = "".join(traceback.format_exception(error))
+    assert "LocalEntryNotFoundError" not in shown
+    assert "check your connection" not in shown
+    assert "offline mode (HF_HUB_OFFLINE) is on" in str(error)
+
+
+def test_local_files_only_miss_says_so(fake_hub, tmp_path):
+    with pytest.raises(MmtokError, match="config.json is not in the Hub cache .*; local_files_only is set$") as caught:
+        load_model("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert caught.value.__cause__ is None
+    assert fake_hub.requests == []
+
+
+def test_failed_lookup_keeps_its_reason(fake_hub, tmp_path, monkeypatch):
+    # A response without the commit and ETag headers fails at once, where a stopped
+    # server would make huggingface_hub retry for about 20 s before giving up.
+    def respond_bare(handler, send_body):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monkeypatch.setattr(fake_hub, "respond", respond_bare)
+    with pytest.raises(MmtokError, match="config.json is not in the Hub cache .*; looking it up on the Hub failed") as caught:
+        load_model("someone/absent", cache_dir=tmp_path / "cache")
+    error = caught.value
+    assert "FileMetadataError" in str(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("someone/absent", {}, "repository 'someone/absent' not found"),
+        ("someone/tiny-image", {"revision": "v9"}, "revision 'v9' not found"),
+        ("someone/tiny-image/nested", {}, "config.json not found in the Hub repository"),
+    ],
+)
+def test_hub_not_found_errors_hide_chain(saved, fake_hub, tmp_path, name, options, message):
+    fake_hub.add("someone/tiny-image", saved[1])
+    with pytest.raises(MmtokError, match=message) as caught:
+        load_model(name, cache_dir=tmp_path / "cache", **options)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
 
 
 # Model cards ------------------------------------------------------------------------------
