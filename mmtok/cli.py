@@ -151,13 +151,20 @@ def _run_each(inputs: list[Path], action: Callable[[Path, Path | None], None], o
 @click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the modality's default).")
 @click.option("--modality", help="Read the inputs as this modality instead of choosing by suffix.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Tokenizer encode option (JSON value, else a string), e.g. resize=crop for images; repeatable.")
 @device_option
 @handle_errors
-def encode(files: tuple[Path, ...], output, tokenizer_name, modality, force, device) -> None:
-    """Encode files into token files (FILE.mmtok beside each input)."""
+def encode(files: tuple[Path, ...], output, tokenizer_name, modality, force, options, device) -> None:
+    """Encode files into token files (FILE.mmtok beside each input).
+
+    Images are fitted into the tokenizer's square by default; --option resize=crop
+    encodes the centred square, and --option resize=pad keeps every pixel.
+    """
     from mmtok import api
     from mmtok.tokens import TOKEN_FILE_SUFFIX
 
+    encode_options = _parse_model_args(options, "--option")
     torch_device = api.resolve_device(device)
     tokenizer = api.load_tokenizer(tokenizer_name, modality, torch_device) if tokenizer_name else None
     inputs = list(files)
@@ -166,7 +173,7 @@ def encode(files: tuple[Path, ...], output, tokenizer_name, modality, force, dev
     def encode_one(path: Path, target: Path | None) -> None:
         if target is not None and target.exists() and not force:
             raise MmtokError(f"{target}: file exists; pass --force to overwrite it")
-        tokens = api.encode_file(path, tokenizer, modality, torch_device)
+        tokens = api.encode_file(path, tokenizer, modality, torch_device, encode_options)
         if target is None:
             _write_stdout(tokens.to_bytes())
         else:
@@ -187,13 +194,23 @@ def _decoded_name(path: Path) -> Path:
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", help="Output file, a folder for several inputs, or - for stdout.")
+@click.option(
+    "-o",
+    "--output",
+    help="Output file with a suffix the modality writes (back.png), a folder (needed for several inputs), or - for stdout.",
+)
 @click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the one recorded in the file).")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @device_option
 @handle_errors
 def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> None:
-    """Decode token files back into media files (NAME.decoded.EXT by default)."""
+    """Decode token files back into media files.
+
+    Without -o, or with -o FOLDER, song.wav.mmtok becomes song.decoded.wav. When the
+    original suffix does not belong to the tokens' modality (photo.mmtok), the modality's
+    default suffix is appended (photo.decoded.png). An output file given with -o must
+    have a suffix that the modality writes; any other suffix is an error.
+    """
     from mmtok import api
     from mmtok.plugins import get_plugin_manager
     from mmtok.tokens import Tokens
@@ -201,12 +218,19 @@ def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> No
     torch_device = api.resolve_device(device)
     inputs = list(files)
     outputs = _output_paths(inputs, output, _decoded_name)
+    # -o FILE names the output exactly; only names derived from the input get a suffix added.
+    explicit_file = output not in (None, STDOUT) and not Path(output).is_dir()
 
     def decode_one(path: Path, target: Path | None) -> None:
         tokens = Tokens.load(path)
         modality_entry = get_plugin_manager().modality(tokens.modality)
         if target is not None and not modality_entry.accepts(target):
-            # photo.mmtok or p.tok: no usable media suffix, so use the modality's own.
+            if explicit_file:
+                raise MmtokError(
+                    f"{target}: cannot write decoded {tokens.modality} as {target.suffix or '(no suffix)'!r}; "
+                    f"give -o a file name ending in one of {' '.join(modality_entry.suffixes)}, a folder, or - for stdout"
+                )
+            # A derived name such as photo.decoded from photo.mmtok: use the modality's own suffix.
             target = target.with_name(target.name + modality_entry.default_suffix)
         if target is not None and target.exists() and not force:
             raise MmtokError(f"{target}: file exists; pass --force to overwrite it")
@@ -488,12 +512,13 @@ def _parse_assignments(values: tuple[str, ...], option: str, metavar: str) -> di
     return parsed
 
 
-def _parse_model_args(values: tuple[str, ...]) -> dict[str, Any]:
+def _parse_model_args(values: tuple[str, ...], option: str = "--model-arg") -> dict[str, Any]:
+    """Parse repeated ``KEY=VALUE`` options into a dict, reading each value as JSON when it is valid JSON."""
     parsed = {}
     for value in values:
         key, separator, text = value.partition("=")
         if not separator:
-            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--model-arg")
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint=option)
         try:
             parsed[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -603,6 +628,90 @@ def train_generator_command(modalities: str | None, tokenizers: tuple[str, ...],
     if _is_main_process():
         click.echo(f"saved generator to {output_dir}: {json.dumps(model.metrics)}", err=True)
     distributed.shutdown()
+
+
+# eval ----------------------------------------------------------------------------------
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """Measure how well models reconstruct or model held-out data."""
+
+
+def _expand_inputs(paths: tuple[Path, ...], entry: Any) -> list[Path]:
+    """Replace each folder by the files under it that ``entry`` reads, sorted; keep files as given."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and entry.accepts(p))
+            if not found:
+                raise MmtokError(f"{path}: no {entry.name} files ({' '.join(entry.suffixes)}) in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MmtokError(f"{path}: file or folder not found")
+    return files
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _echo_rows(rows: list[dict[str, Any]]) -> None:
+    """Print rows of metrics as a table with one column per metric, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    table = [columns] + [[_format_value(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        click.echo("  ".join(value.rjust(width) for value, width in zip(line, widths)).rstrip())
+
+
+@eval_group.command("tokenizer")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--modality", required=True, help="Modality of the files; folders are searched for its suffixes.")
+@click.option("--tokenizer", "tokenizer_name", help="Tokenizer name or path (default: the modality's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--grid", type=click.Path(path_type=Path),
+              help="Write a picture of originals beside their reconstructions to this file.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Modality-specific evaluation option; repeatable.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --grid file.")
+@device_option
+@handle_errors
+def eval_tokenizer(paths: tuple[Path, ...], modality: str, tokenizer_name: str | None, as_json: bool,
+                   grid: Path | None, options: tuple[str, ...], force: bool, device: str) -> None:
+    """Encode and decode PATHS (files or folders) and print reconstruction metrics.
+
+    Prints one table line per setting the modality measures (for example one per
+    bitrate), then a summary.
+    """
+    from mmtok import api
+    from mmtok.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().modality(modality)
+    chosen = _parse_assignments(options, "--option", "KEY=VALUE")
+    if grid is not None and grid.exists() and not force:
+        raise MmtokError(f"{grid}: file exists; pass --force to overwrite it")
+    files = _expand_inputs(paths, entry)
+    torch_device = api.resolve_device(device)
+    if tokenizer_name:
+        tokenizer = api.load_tokenizer(tokenizer_name, modality, torch_device)
+    else:
+        tokenizer = api.default_tokenizer(modality, torch_device)
+    if grid is not None:
+        chosen["grid"] = grid
+    result = entry.evaluate_tokenizer(tokenizer, files, **chosen)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _echo_rows(result.get("rows", []))
+    for key, value in result.get("summary", {}).items():
+        click.echo(f"{key}: {_format_value(value)}")
 
 
 # push ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ hash so decoding with another tokenizer fails clearly.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,12 +37,30 @@ class Tokenizer(HubModel):
     # Samples ------------------------------------------------------------------------
 
     def encode_batch(self, samples: list[Sample]) -> list[Tokens]:
-        """Encode several samples; the result equals encoding them one by one."""
+        """Encode several samples; the result equals encoding them one by one.
+
+        A subclass may take keyword options (the image tokenizer's ``resize``), which
+        `mmtok encode --option KEY=VALUE` passes on after :meth:`check_encode_options`.
+        """
         raise NotImplementedError
 
-    def encode(self, sample: Sample) -> Tokens:
-        """Encode one sample."""
-        return self.encode_batch([sample])[0]
+    def encode(self, sample: Sample, **options: Any) -> Tokens:
+        """Encode one sample; ``options`` go to :meth:`encode_batch`."""
+        return self.encode_batch([sample], **options)[0]
+
+    def check_encode_options(self, options: dict[str, Any]) -> None:
+        """Raise :class:`MmtokError` unless :meth:`encode_batch` takes every keyword in ``options``."""
+        parameters = inspect.signature(self.encode_batch).parameters
+        if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+            return
+
+        keyword_kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        accepted = [name for name, parameter in parameters.items() if parameter.kind in keyword_kinds]
+        accepted = [name for name in accepted if name != "samples"]
+        for name in options:
+            if name not in accepted:
+                choices = ", ".join(accepted) or "none"
+                raise MmtokError(f"the {self.modality} tokenizer has no encode option {name!r}; options: {choices}")
 
     def decode(self, tokens: Tokens) -> Sample:
         """Decode tokens made by this tokenizer back into a sample."""

@@ -183,6 +183,40 @@ def test_decode_adds_modality_suffix(picture, tmp_path):
     assert (tmp_path / "photo.decoded.png").is_file()
 
 
+@pytest.mark.parametrize("name", ["back.png", "back", "back.TXT.png"])
+def test_decode_rejects_output_suffix(notes, tmp_path, name):
+    assert run("encode", str(notes), "-o", str(tmp_path / "notes.mmtok")).exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("decode", str(tmp_path / "notes.mmtok"), "-o", str(tmp_path / name))
+    assert result.exit_code == 1
+    assert f"{name}: cannot write decoded text as" in result.output
+    assert ".txt .md .text" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_decode_accepts_uppercase_output_suffix(notes, tmp_path):
+    assert run("encode", str(notes), "-o", str(tmp_path / "notes.mmtok")).exit_code == 0
+    result = run("decode", str(tmp_path / "notes.mmtok"), "-o", str(tmp_path / "back.TXT"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "back.TXT").read_bytes() == notes.read_bytes()
+
+
+def test_decode_into_folder_adds_suffix(notes, tmp_path):
+    assert run("encode", str(notes), "-o", str(tmp_path / "notes.mmtok")).exit_code == 0
+    (tmp_path / "out").mkdir()
+    result = run("decode", str(tmp_path / "notes.mmtok"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.decoded.txt"]
+
+
+def test_decode_help_describes_output_suffix():
+    result = run("decode", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps the help text
+    assert "must have a suffix that the modality writes" in text
+    assert "(photo.decoded.png)" in text
+
+
 def test_generate_output_without_suffix(tmp_path):
     result = run("generate", "--modality", "text", "-o", str(tmp_path / "out"), "--steps", "2", "--seed", "1")
     assert result.exit_code == 0, result.output

@@ -133,6 +133,15 @@ class ImageModality(Modality):
 
         return train_image_tokenizer(data_dir, output_dir, **options)
 
+    def evaluate_tokenizer(self, tokenizer, paths: list[Path], **options) -> dict:
+        """Measure PSNR, SSIM, codebook usage and bits per image, against JPEG at the same size.
+
+        :func:`mmtok_image.evaluate.evaluate_image_tokenizer` describes the metrics and options.
+        """
+        from mmtok_image.evaluate import evaluate_image_tokenizer
+
+        return evaluate_image_tokenizer(self, tokenizer, paths, **options)
+
     def bundled_models(self) -> dict[str, Path]:
         folder = PRETRAINED / "image-tokenizer"
         if (folder / "model.safetensors").is_file():

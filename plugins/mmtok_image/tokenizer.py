@@ -7,6 +7,8 @@ codebook is one of mmtok's shared quantizers: the EMA vector quantizer by defaul
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,28 @@ from mmtok import MmtokError, Sample, Tokenizer, Tokens
 from mmtok.quantize import CosineVectorQuantizer, FiniteScalarQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
 
 QUANTIZER_TYPES = ("vq", "cosine", "fsq")
+
+# Ways encode brings an image of any size to the encoder, described in ImageTokenizer.encode_batch.
+RESIZE_MODES = ("fit", "crop", "pad")
+
+
+class DecodeGeometry(NamedTuple):
+    """Placement of the picture in the decoded canvas, and the size decode returns."""
+
+    grid: tuple[int, int]  # expected shape of the codes, (h, w)
+    box: tuple[int, int, int, int]  # picture inside the decoded canvas: left, top, width, height
+    width: int  # width of the image decode returns, pixels
+    height: int
+    crop: tuple[int, int, int, int] | None  # for resize "crop": the encoded square in the returned image
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize ``(3, H, W)`` to ``(3, height, width)``: area averaging to shrink, bicubic to enlarge."""
+    if tuple(image.shape[1:]) == (height, width):
+        return image
+    shrink = height <= image.shape[1] and width <= image.shape[2]
+    resized = F.interpolate(image[None], size=(height, width), mode="area" if shrink else "bicubic")
+    return resized[0].clamp(0, 1)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -170,47 +194,99 @@ class ImageTokenizer(Tokenizer):
         scale = self.resolution / max(height, width)
         new_height = max(1, min(self.resolution, round(height * scale)))
         new_width = max(1, min(self.resolution, round(width * scale)))
-        resized = F.interpolate(image[None], size=(new_height, new_width), mode="area" if scale < 1 else "bicubic")
+        resized = _resize(image, new_height, new_width)
         canvas = torch.ones(3, self.resolution, self.resolution)
         top = (self.resolution - new_height) // 2
         left = (self.resolution - new_width) // 2
-        canvas[:, top : top + new_height, left : left + new_width] = resized[0].clamp(0, 1)
+        canvas[:, top : top + new_height, left : left + new_width] = resized
         return canvas, [left, top, new_width, new_height]
 
-    def encode_batch(self, samples: list[Sample]) -> list[Tokens]:
-        fitted, boxes = [], []
+    def crop(self, image: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Scale the centred square of ``(3, H, W)`` to ``(3, R, R)``.
+
+        Returns the square and the region it covers, ``[left, top, side, side]`` in pixels
+        of the original image.
+        """
+        _, height, width = image.shape
+        side = min(height, width)
+        top = (height - side) // 2
+        left = (width - side) // 2
+        square = _resize(image[:, top : top + side, left : left + side], self.resolution, self.resolution)
+        return square, [left, top, side, side]
+
+    def pad(self, image: torch.Tensor) -> torch.Tensor:
+        """Pad ``(3, H, W)`` with white on the right and bottom to multiples of the downsampling factor."""
+        _, height, width = image.shape
+        canvas = torch.ones(3, -(-height // self.factor) * self.factor, -(-width // self.factor) * self.factor)
+        canvas[:, :height, :width] = image
+        return canvas
+
+    def _prepare(self, image: torch.Tensor, resize: str) -> tuple[torch.Tensor, dict]:
+        """Return the encoder input for ``image`` and the metadata decode needs to undo ``resize``."""
+        _, height, width = image.shape
+        metadata = {"width": int(width), "height": int(height), "resolution": self.resolution, "resize": resize}
+        if resize == "fit":
+            canvas, metadata["box"] = self.fit(image)
+        elif resize == "crop":
+            canvas, metadata["crop"] = self.crop(image)
+            metadata["box"] = [0, 0, self.resolution, self.resolution]
+        else:
+            canvas = self.pad(image)
+            metadata["box"] = [0, 0, int(width), int(height)]
+        return canvas, metadata
+
+    def encode_batch(self, samples: list[Sample], resize: str = "fit") -> list[Tokens]:
+        """Encode ``(3, H, W)`` images into ``(h, w)`` code grids.
+
+        ``resize`` chooses how an image of any size reaches the encoder: ``"fit"`` scales
+        it into the ``resolution`` square and pads with white, ``"crop"`` scales the centred
+        square to it (decode returns the original size, white outside that square), and
+        ``"pad"`` keeps every pixel and pads with white to multiples of the downsampling
+        factor, so the grid is ``(ceil(H / f), ceil(W / f))`` and varies with the image.
+        """
+        if resize not in RESIZE_MODES:
+            raise MmtokError(f"invalid resize mode {resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
+        prepared = []
         for sample in samples:
             if not torch.is_tensor(sample.data) or sample.data.ndim != 3 or sample.data.shape[0] != 3:
                 raise MmtokError("image samples must hold a (3, H, W) tensor")
-            canvas, box = self.fit(sample.data.float())
-            fitted.append(canvas)
-            boxes.append(box)
+            prepared.append(self._prepare(sample.data.float(), resize))
         device = next(self.parameters()).device
-        codes = self.encode_tensor(torch.stack(fitted).to(device))
-        tokens = []
-        for sample, box, grid in zip(samples, boxes, codes):
-            _, height, width = sample.data.shape
-            metadata = {"width": int(width), "height": int(height), "box": box, "resolution": self.resolution}
-            tokens.append(self.make_tokens(grid, metadata))
-        return tokens
+        if resize == "pad":
+            # Padded images differ in size, so each one is encoded on its own.
+            # NOTE: this runs the encoder at full size, so memory grows with the pixel count;
+            # only MMTOK_MAX_IMAGE_PIXELS bounds it, and that limit is sized for reading files.
+            grids = [self.encode_tensor(canvas[None].to(device))[0] for canvas, _ in prepared]
+        else:
+            grids = list(self.encode_tensor(torch.stack([canvas for canvas, _ in prepared]).to(device)))
+        return [self.make_tokens(grid, metadata) for grid, (_, metadata) in zip(grids, prepared)]
 
     def decode(self, tokens: Tokens) -> Sample:
+        """Decode ``(h, w)`` codes into a ``(3, height, width)`` image of the size the metadata records."""
         self.check_tokens(tokens, high=self.codebook_size)
-        if tuple(tokens.codes.shape) != (self.grid, self.grid):
-            raise MmtokError(f"image codes must have shape ({self.grid}, {self.grid}), got {tuple(tokens.codes.shape)}")
-        left, top, box_width, box_height, width, height = self._decode_geometry(tokens.metadata)
+        geometry = self._decode_geometry(tokens.metadata)
+        if tuple(tokens.codes.shape) != geometry.grid:
+            raise MmtokError(f"image codes must have shape {geometry.grid}, got {tuple(tokens.codes.shape)}")
         device = next(self.parameters()).device
-        image = self.decode_tensor(tokens.codes[None].to(device))[0].cpu()  # (3, R, R)
-        content = image[:, top : top + box_height, left : left + box_width]
-        if (height, width) != tuple(content.shape[1:]):
-            content = F.interpolate(content[None], size=(height, width), mode="bicubic")[0].clamp(0, 1)
-        return Sample(content, {"width": width, "height": height})
+        canvas = self.decode_tensor(tokens.codes[None].to(device))[0].cpu()  # (3, h * f, w * f)
+        left, top, box_width, box_height = geometry.box
+        content = canvas[:, top : top + box_height, left : left + box_width]
+        if geometry.crop is None:
+            image = _resize(content, geometry.height, geometry.width)
+        else:
+            crop_left, crop_top, crop_width, crop_height = geometry.crop
+            image = torch.ones(3, geometry.height, geometry.width)
+            image[:, crop_top : crop_top + crop_height, crop_left : crop_left + crop_width] = _resize(
+                content, crop_height, crop_width
+            )
+        return Sample(image, {"width": geometry.width, "height": geometry.height})
 
-    def _decode_geometry(self, metadata: dict) -> tuple[int, int, int, int, int, int]:
-        """Return ``(left, top, box width, box height, width, height)`` from token metadata, validated.
+    def _decode_geometry(self, metadata: dict) -> "DecodeGeometry":
+        """Read and validate the resize mode, sizes, box and crop region of token metadata.
 
         The size is limited like a file the image reader accepts (``MMTOK_MAX_IMAGE_PIXELS``),
-        so edited metadata cannot make decode allocate a huge image.
+        so edited metadata cannot make decode allocate a huge image. Token files written
+        before the ``resize`` field existed were fitted.
         """
         from mmtok_image.modality import max_pixels
 
@@ -219,6 +295,19 @@ class ImageTokenizer(Tokenizer):
                 raise MmtokError(f"image token metadata needs an integer {name}, got {value!r}")
             return value
 
+        def rectangle(value: object, name: str, width: int, height: int, where: str) -> tuple[int, int, int, int]:
+            if not isinstance(value, list) or len(value) != 4:
+                raise MmtokError(f"image token metadata needs a {name} [left, top, width, height], got {value!r}")
+            left, top, box_width, box_height = (integer(entry, f"{name} entry") for entry in value)
+            if left < 0 or top < 0 or box_width < 1 or box_height < 1 or left + box_width > width or (
+                top + box_height > height
+            ):
+                raise MmtokError(f"image token metadata {name} {value} does not lie inside {where}")
+            return left, top, box_width, box_height
+
+        resize = metadata.get("resize", "fit")
+        if resize not in RESIZE_MODES:
+            raise MmtokError(f"invalid resize mode {resize!r} in token metadata; expected one of {', '.join(RESIZE_MODES)}")
         width = integer(metadata.get("width", self.resolution), "width")
         height = integer(metadata.get("height", self.resolution), "height")
         if width <= 0 or height <= 0 or width * height > max_pixels():
@@ -226,15 +315,19 @@ class ImageTokenizer(Tokenizer):
                 f"invalid image size {width}x{height} in token metadata: needs 1 to {max_pixels()} pixels "
                 "(MMTOK_MAX_IMAGE_PIXELS)"
             )
-        box = metadata.get("box", [0, 0, self.resolution, self.resolution])
-        if not isinstance(box, list) or len(box) != 4:
-            raise MmtokError(f"image token metadata needs a box [left, top, width, height], got {box!r}")
-        left, top, box_width, box_height = (integer(value, "box entry") for value in box)
-        if left < 0 or top < 0 or box_width < 1 or box_height < 1 or left + box_width > self.resolution or (
-            top + box_height > self.resolution
-        ):
-            raise MmtokError(f"image token metadata box {box} does not lie inside the {self.resolution}-pixel square")
-        return left, top, box_width, box_height, width, height
+
+        if resize == "pad":
+            grid = (-(-height // self.factor), -(-width // self.factor))
+            box = rectangle(metadata.get("box", [0, 0, width, height]), "box", width, height, f"the {width}x{height} image")
+            if box != (0, 0, width, height):
+                raise MmtokError(f"image token metadata box {list(box)} must be [0, 0, {width}, {height}] for resize 'pad'")
+            return DecodeGeometry(grid, box, width, height, None)
+        side = self.resolution
+        box = rectangle(metadata.get("box", [0, 0, side, side]), "box", side, side, f"the {side}-pixel square")
+        crop = None
+        if resize == "crop":
+            crop = rectangle(metadata.get("crop"), "crop", width, height, f"the {width}x{height} image")
+        return DecodeGeometry((self.grid, self.grid), box, width, height, crop)
 
     # Sequences ----------------------------------------------------------------------
 
