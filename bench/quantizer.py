@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)
+    for name in ("threads", "count", "dim", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if any(value < 1 for value in args.codebook_sizes + args.chunk_rows):
+        parser.error("--codebook-sizes and --chunk-rows must be at least 1")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

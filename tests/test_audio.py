@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,12 @@ READ_CASES = [
     (".flac", "PCM_16", 96000, 2, 1e-4),
     (".flac", "PCM_24", 22050, 1, 1e-6),
     (".ogg", "VORBIS", 32000, 2, None),
+    (".wav", "PCM_U8", 24000, 1, 1 / 128),
+    (".wav", "PCM_32", 96000, 6, 1e-8),
+    (".wav", "DOUBLE", 11025, 2, 0.0),
 ]
+if "MP3" in soundfile.available_formats():
+    READ_CASES.append((".mp3", "MPEG_LAYER_III", 24000, 2, None))
 
 
 @pytest.mark.parametrize("suffix,subtype,sample_rate,channels,tolerance", READ_CASES)
@@ -126,7 +132,7 @@ def test_read_formats(tmp_path, suffix, subtype, sample_rate, channels, toleranc
     assert sample.metadata == {"sample_rate": sample_rate, "channels": channels, "samples": 4321, "subtype": subtype}
     if tolerance is not None:
         assert np.abs(sample.data.numpy().T - source).max() <= tolerance
-    else:  # Vorbis is lossy: compare the signals by correlation.
+    else:  # Vorbis and MP3 are lossy: compare the signals by correlation.
         correlation = np.corrcoef(sample.data.numpy().T.ravel(), source.ravel())[0, 1]
         assert correlation > 0.9
 
@@ -269,6 +275,82 @@ def test_decode_restores_rate_length_channels(tokenizer, sample_rate, samples, c
     assert decoded.data.dtype == torch.float32
 
 
+@pytest.mark.parametrize("suffix,subtype,sample_rate,channels,tolerance", READ_CASES)
+def test_file_formats_decode_to_input_shape(tokenizer, tmp_path, suffix, subtype, sample_rate, channels, tolerance):
+    path = tmp_path / f"input{suffix}"
+    soundfile.write(path, tone(sample_rate, 4321, channels), sample_rate, subtype=subtype)
+
+    decoded = tokenizer.decode(tokenizer.encode_file(path))
+
+    assert tuple(decoded.data.shape) == (channels, 4321)
+    assert decoded.metadata["sample_rate"] == sample_rate
+
+
+SIGNALS = {
+    "silence": lambda time: np.zeros_like(time),
+    "clipped": lambda time: np.clip(3.0 * np.sin(2 * np.pi * 220 * time), -1.0, 1.0),
+    "dc-offset": lambda time: 0.5 + 0.2 * np.sin(2 * np.pi * 220 * time),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALS))
+def test_bundled_decodes_edge_signals(bundled, tmp_path, name):
+    time = np.arange(16000) / 16000
+    path = tmp_path / f"{name}.wav"
+    soundfile.write(path, SIGNALS[name](time).astype(np.float32), 16000, subtype="PCM_16")
+
+    decoded = bundled.decode(bundled.encode_file(path)).data
+
+    assert tuple(decoded.shape) == (1, 16000)
+    assert bool(torch.isfinite(decoded).all())
+    assert float(decoded.abs().max()) <= 1.0
+    if name == "silence":
+        assert float(decoded.pow(2).mean().sqrt()) < 0.01
+
+
+# Encodes and decodes a generated WAV of the given minutes in a fresh process and prints
+# the peak resident memory in MiB, so the measurement includes nothing from the tests.
+PEAK_MEMORY_SCRIPT = """
+import resource, sys
+import numpy as np, soundfile, torch
+import mmtok
+from mmtok_audio import AudioModality
+
+torch.set_num_threads(1)
+minutes, path = float(sys.argv[1]), sys.argv[2]
+samples = int(minutes * 60 * 16000)
+time = np.arange(samples, dtype=np.float64) / 16000
+soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * time)).astype(np.float32), 16000, subtype="PCM_16")
+del time
+tokenizer = mmtok.load_model("mmtok/audio-tokenizer")
+if len(sys.argv) > 3:
+    tokenizer.chunk_frames = int(sys.argv[3])
+decoded = tokenizer.decode(tokenizer.encode(AudioModality().read(path)))
+assert decoded.data.shape == (1, samples)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_memory_mib(tmp_path: Path, minutes: float) -> float:
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(minutes), str(tmp_path / f"{minutes}.wav")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_long_file_memory_stays_flat(bundled, tmp_path):
+    # Ten minutes hold 9 more minutes of samples than one: about 33 MiB per float32 copy
+    # at 16 kHz, and reading, mixing, padding and decoding make a few copies. Measured:
+    # 40 MiB more with the default chunks, 2,960 MiB more with the whole file as one chunk.
+    short = peak_memory_mib(tmp_path, 1.0)
+    long = peak_memory_mib(tmp_path, 10.0)
+
+    assert long - short < 300.0, (short, long)
+
+
 def test_encode_codes_shape_and_range(tokenizer):
     tokens = encode_array(tokenizer, tone(44100, 12345, 2), 44100)
 
@@ -283,6 +365,7 @@ def test_encode_codes_shape_and_range(tokenizer):
         "channels": 2,
         "model_sample_rate": 16000,
         "levels": 3,
+        "bitrate": 750.0,
     }
     assert tokens.modality == "audio"
     assert tokens.tokenizer_hash == tokenizer.weights_hash()
@@ -343,6 +426,65 @@ def test_encode_levels_attribute():
     tokenizer.encode_levels = 2
     tokens = encode_array(tokenizer, tone(16000, 3200, 1), 16000)
     assert tuple(tokens.codes.shape) == (2, 10)
+
+
+@pytest.mark.parametrize("bitrate,levels", [(250.0, 1), (600.0, 2), (750.0, 3), (1e9, 3)])
+def test_encode_bitrate_picks_levels(tokenizer, bitrate, levels):
+    # TINY runs 50 frames/s with 32 codes (5 bits) per level: 250 bit/s per level.
+    sample = Sample(torch.from_numpy(tone(16000, 3200, 1).T.copy()), {"sample_rate": 16000})
+
+    tokens = tokenizer.encode_batch([sample], bitrate=bitrate)[0]
+
+    assert tuple(tokens.codes.shape) == (levels, 10)
+    assert tokens.metadata["levels"] == levels
+    assert tokens.metadata["bitrate"] == 250.0 * levels
+
+
+def test_encode_bitrate_recorded_in_token_file(tokenizer, tmp_path):
+    sample = Sample(torch.from_numpy(tone(16000, 3200, 1).T.copy()), {"sample_rate": 16000})
+    tokenizer.encode_batch([sample], bitrate=500)[0].save(tmp_path / "tone.wav.mmtok")
+
+    loaded = Tokens.load(tmp_path / "tone.wav.mmtok")
+
+    assert loaded.metadata["bitrate"] == 500.0
+    assert loaded.metadata["levels"] == 2
+
+
+@pytest.mark.parametrize("bitrate", [249.0, 0.0, -1.0, float("nan")])
+def test_encode_bitrate_below_lowest_raises(tokenizer, bitrate):
+    sample = Sample(torch.zeros(1, 320), {"sample_rate": 16000})
+    with pytest.raises(MmtokError, match="lowest bitrate, 250 bits/s"):
+        tokenizer.encode_batch([sample], bitrate=bitrate)
+
+
+@pytest.mark.parametrize("options,message", [({"bitrate": "3k"}, "bitrate must be a number"), ({"levels": "2"}, "levels must be an integer")])
+def test_encode_option_wrong_type_raises(tokenizer, options, message):
+    sample = Sample(torch.zeros(1, 320), {"sample_rate": 16000})
+    with pytest.raises(MmtokError, match=message):
+        tokenizer.encode_batch([sample], **options)
+
+
+def test_cli_encode_bitrate_option(bundled, tmp_path):
+    from click.testing import CliRunner
+
+    from mmtok.cli import cli
+
+    path = tmp_path / "tone.wav"
+    soundfile.write(path, tone(16000, 16000, 1), 16000, subtype="PCM_16")
+
+    result = CliRunner().invoke(cli, ["encode", str(path), "--option", "bitrate=1200"])
+    tokens = Tokens.load(tmp_path / "tone.wav.mmtok")
+
+    assert result.exit_code == 0, result.output
+    assert tokens.metadata["levels"] == 2
+    assert tokens.metadata["bitrate"] == 1000.0
+    assert tuple(tokens.codes.shape) == (2, 50)
+
+
+def test_encode_levels_and_bitrate_raises(tokenizer):
+    sample = Sample(torch.zeros(1, 320), {"sample_rate": 16000})
+    with pytest.raises(MmtokError, match="not both"):
+        tokenizer.encode_batch([sample], levels=2, bitrate=500)
 
 
 @pytest.mark.parametrize("levels", [0, 4])
@@ -469,6 +611,86 @@ def test_bundled_tokenizer_keeps_tone_pitch(bundled, frequency):
     assert abs(level_db(decoded, wave)) < 6.0
 
 
+# Evaluation -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def espeak_files(tmp_path_factory) -> list[Path]:
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed")
+    return write_speech(tmp_path_factory.mktemp("espeak"), SENTENCES[:2])
+
+
+def test_evaluate_bundled_on_speech(bundled, espeak_files):
+    pytest.importorskip("pesq")
+    pytest.importorskip("pystoi")
+
+    result = AudioModality().evaluate_tokenizer(bundled, espeak_files)
+    rows = result["rows"]
+
+    assert json.loads(json.dumps(result)) == result
+    assert [row["levels"] for row in rows] == [1, 2, 3, 4]
+    assert [row["bitrate"] for row in rows] == [500.0, 1000.0, 1500.0, 2000.0]
+    for row in rows:
+        for name in ("log_mel_distance", "si_snr_db", "pesq_wb", "stoi"):
+            assert math.isfinite(row[name]), (row["levels"], name)
+        assert 1.0 <= row["pesq_wb"] <= 4.7
+        assert 0.0 <= row["stoi"] <= 1.0
+        assert len(row["codebook_usage"]) == row["levels"]
+    distances = [row["log_mel_distance"] for row in rows]
+    assert distances == sorted(distances, reverse=True)
+    assert distances[-1] < distances[0]
+    assert result["summary"]["clips"] == 2
+    assert result["summary"]["pesq_clips"] == 2
+    assert result["summary"]["codebook_usage"] == rows[-1]["codebook_usage"]
+
+
+def test_evaluate_missing_speech_packages_raises(tokenizer, espeak_files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pesq", None)  # makes `import pesq` raise ImportError
+
+    with pytest.raises(MmtokError, match=r"pip install 'mmtok\[eval\]'"):
+        AudioModality().evaluate_tokenizer(tokenizer, espeak_files)
+
+
+def test_evaluate_speech_false_skips_packages(tokenizer, espeak_files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pesq", None)
+    monkeypatch.setitem(sys.modules, "pystoi", None)
+
+    result = AudioModality().evaluate_tokenizer(tokenizer, espeak_files, speech="false")
+
+    assert [row["levels"] for row in result["rows"]] == [1, 2, 3]
+    assert "pesq_wb" not in result["rows"][0]
+    assert "stoi" not in result["rows"][0]
+    assert math.isfinite(result["rows"][0]["log_mel_distance"])
+    assert result["summary"]["speech_metrics"] is False
+
+
+def test_evaluate_unknown_option_raises(tokenizer, espeak_files):
+    with pytest.raises(MmtokError, match="unknown audio evaluation option"):
+        AudioModality().evaluate_tokenizer(tokenizer, espeak_files, speeech=False)
+
+
+def test_evaluate_bad_speech_value_raises(tokenizer, espeak_files):
+    with pytest.raises(MmtokError, match="option speech must be true or false"):
+        AudioModality().evaluate_tokenizer(tokenizer, espeak_files, speech="maybe")
+
+
+def test_evaluate_no_files_raises(tokenizer):
+    with pytest.raises(MmtokError, match="no audio files"):
+        AudioModality().evaluate_tokenizer(tokenizer, [], speech=False)
+
+
+def test_training_metrics_match_evaluation(tokenizer, espeak_files):
+    clips = load_clips(espeak_files, 16000)
+
+    metrics = evaluate_tokenizer(tokenizer, clips)
+    rows = AudioModality().evaluate_tokenizer(tokenizer, espeak_files, speech=False)["rows"]
+
+    assert metrics["val_log_mel_distance"] == rows[-1]["log_mel_distance"]
+    assert metrics["val_log_mel_distance_1_levels"] == rows[0]["log_mel_distance"]
+    assert metrics["val_codebook_usage_level_2"] == rows[-1]["codebook_usage"][2]
+
+
 # Sequences for the generator ----------------------------------------------------------
 
 
@@ -547,3 +769,15 @@ def test_training_resume_loads_checkpoint(speech_dir, tmp_path):
 def test_training_missing_data_raises(tmp_path):
     with pytest.raises(MmtokError, match="no sound files for split 'train'"):
         train_audio_tokenizer(tmp_path, tmp_path / "run", steps=1, model_args=TINY)
+
+
+def test_decode_rejects_too_many_channels(bundled):
+    tokens = bundled.encode(Sample(torch.zeros(1, 3200), {"sample_rate": 16000}))
+    tokens.metadata["channels"] = 65
+    with pytest.raises(MmtokError, match="claims 65 channels; at most 64 are supported"):
+        bundled.decode(tokens)
+
+
+def test_encode_rejects_too_many_channels(bundled):
+    with pytest.raises(MmtokError, match="has 65 channels; at most 64 are supported"):
+        bundled.encode(Sample(torch.zeros(65, 3200), {"sample_rate": 16000}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import soundfile
@@ -54,6 +55,18 @@ def _check_container(path: Path) -> None:
         check_ogg_complete(path, path.read_bytes())
     elif looks_like_mp3(head):
         check_mp3_complete(path, path.read_bytes())
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    """Read a boolean option given as a bool or as the text of a command-line option."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise MmtokError(f"option {name} must be true or false, got {value!r}")
 
 
 class AudioModality(Modality):
@@ -124,6 +137,37 @@ class AudioModality(Modality):
         from mmtok_audio.train import train_audio_tokenizer
 
         return train_audio_tokenizer(data_dir, output_dir, **options)
+
+    def evaluate_tokenizer(self, tokenizer, paths: list[Path], **options: Any) -> dict[str, Any]:
+        """Measure ``tokenizer`` on sound files at each bitrate of its residual quantizer.
+
+        Each file is mixed to mono and resampled to the tokenizer's rate. Returns
+        ``{"rows": [...], "summary": {...}}`` as :func:`mmtok_audio.evaluate.measure_clips`
+        describes: one row per number of levels with its bitrate, log-mel distance,
+        SI-SNR, codebook usage per level and, for speech, PESQ wide band and STOI.
+
+        Options: ``speech`` (default true) measures PESQ and STOI, which need
+        ``pip install 'mmtok[eval]'``; ``speech=false`` skips them, as music needs.
+        """
+        from mmtok_audio.evaluate import measure_clips
+        from mmtok_audio.tokenizer import AudioTokenizer
+
+        unknown = sorted(set(options) - {"speech"})
+        if unknown:
+            raise MmtokError(f"unknown audio evaluation option(s) {', '.join(unknown)}. The only option is speech=true or speech=false")
+        speech = _parse_bool("speech", options.get("speech", True))
+        if not isinstance(tokenizer, AudioTokenizer):
+            raise MmtokError(f"cannot evaluate {type(tokenizer).__name__} on audio files: audio evaluation needs an AudioTokenizer")
+        if not paths:
+            raise MmtokError("no audio files to evaluate")
+        return measure_clips(tokenizer, self._mono_clips(paths, tokenizer.sample_rate), speech=speech)
+
+    def _mono_clips(self, paths: list[Path], sample_rate: int) -> Iterator[torch.Tensor]:
+        """Read the files one at a time as mono 1-D clips at ``sample_rate``."""
+        from mmtok_audio.train import load_clips
+
+        for path in paths:
+            yield load_clips([Path(path)], sample_rate)[0]
 
     def bundled_models(self) -> dict[str, Path]:
         folder = Path(__file__).parent / "pretrained" / "audio-tokenizer"

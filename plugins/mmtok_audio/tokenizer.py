@@ -133,6 +133,24 @@ class AudioTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.levels * self.codebook_size
 
+    def bitrate(self, levels: int | None = None) -> float:
+        """Return the bits per second of codes with ``levels`` quantizer levels (default: all)."""
+        levels = self.levels if levels is None else levels
+        return self.frame_rate * levels * math.log2(self.codebook_size)
+
+    def levels_for_bitrate(self, bitrate: float) -> int:
+        """Return the largest number of quantizer levels whose bitrate does not exceed ``bitrate`` bits/s."""
+        # The tolerance keeps a bitrate given exactly, such as 1500 for 3 levels, from
+        # rounding down; min() first keeps an infinite bitrate away from floor().
+        levels = math.floor(min(bitrate / self.bitrate(1), self.levels) + 1e-9) if bitrate > 0 else 0
+        if levels < 1:
+            raise MmtokError(
+                f"bitrate {bitrate:g} bits/s is below this tokenizer's lowest bitrate, {self.bitrate(1):g} bits/s "
+                f"(1 of {self.levels} levels); its bitrates are "
+                + ", ".join(f"{self.bitrate(count):g}" for count in range(1, self.levels + 1))
+            )
+        return levels
+
     # Tensors ------------------------------------------------------------------------
 
     def forward(self, wave: torch.Tensor, levels: int | None = None) -> AudioTokenizerOutput:
@@ -193,13 +211,24 @@ class AudioTokenizer(Tokenizer):
 
     # Samples ------------------------------------------------------------------------
 
-    def encode_batch(self, samples: list[Sample], levels: int | None = None) -> list[Tokens]:
+    def encode_batch(self, samples: list[Sample], levels: int | None = None, bitrate: float | None = None) -> list[Tokens]:
         """Encode samples of any rate and channel count to ``(L, F)`` codes each.
 
         Each sample is downmixed to mono, resampled to ``sample_rate``, zero-padded to a
         whole number of frames and encoded on its own, so batching cannot change a result.
-        ``levels`` defaults to ``encode_levels``, then to all levels.
+        ``bitrate`` (bits/s) selects the most levels whose bitrate does not exceed it;
+        otherwise ``levels`` defaults to ``encode_levels``, then to all levels. The
+        metadata records the levels used and their ``bitrate``.
         """
+        # Both may come from `mmtok encode --option`, so they are checked like user input.
+        if levels is not None and (not isinstance(levels, int) or isinstance(levels, bool)):
+            raise MmtokError(f"levels must be an integer, got {levels!r}")
+        if bitrate is not None and (not isinstance(bitrate, (int, float)) or isinstance(bitrate, bool)):
+            raise MmtokError(f"bitrate must be a number of bits per second, got {bitrate!r}")
+        if levels is not None and bitrate is not None:
+            raise MmtokError(f"pass levels or bitrate, not both (got levels={levels}, bitrate={bitrate:g})")
+        if bitrate is not None:
+            levels = self.levels_for_bitrate(bitrate)
         levels = levels if levels is not None else self.encode_levels
         levels = levels if levels is not None else self.levels
         if not 1 <= levels <= self.levels:
@@ -218,6 +247,7 @@ class AudioTokenizer(Tokenizer):
                 "channels": int(data.shape[0]),
                 "model_sample_rate": self.sample_rate,
                 "levels": levels,
+                "bitrate": self.bitrate(levels),
             }
             results.append(self.make_tokens(codes, metadata))
         return results
@@ -240,8 +270,8 @@ class AudioTokenizer(Tokenizer):
         longest = math.ceil((codes.shape[1] + 1) * self.hop_length * sample_rate / self.sample_rate)
         if samples > longest:
             raise MmtokError(f"token metadata claims {samples} samples, but {codes.shape[1]} frames decode to at most {longest}")
-        if channels > 1024:
-            raise MmtokError(f"token metadata claims {channels} channels; at most 1024 are supported")
+        if channels > MAX_CHANNELS:
+            raise MmtokError(f"token metadata claims {channels} channels; at most {MAX_CHANNELS} are supported")
         if channels * samples > MAX_DECODE_VALUES:
             raise MmtokError(
                 f"token metadata claims {channels} channels of {samples} samples, over the limit of "
@@ -338,6 +368,8 @@ def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:
         raise MmtokError(f"audio samples must be (channels, samples) tensors, got {shape}")
     if data.shape[0] < 1 or data.shape[1] < 1:
         raise MmtokError(f"audio sample is empty: shape {tuple(data.shape)}")
+    if data.shape[0] > MAX_CHANNELS:
+        raise MmtokError(f"audio sample has {data.shape[0]} channels; at most {MAX_CHANNELS} are supported")
     sample_rate = sample.metadata.get("sample_rate")
     if not isinstance(sample_rate, int) or sample_rate <= 0:
         raise MmtokError(f"audio sample metadata needs a positive integer sample_rate, got {sample_rate!r}")
@@ -347,6 +379,10 @@ def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:
     return data, sample_rate
 
 
+# Most channels a sample may have. Decode repeats the mono signal to every channel, so
+# the limit bounds how far token metadata can multiply the memory decode needs; 64 covers
+# third-order Ambisonics and every common surround layout.
+MAX_CHANNELS = 64
 # Most values (channels x samples) that decode returns: 4 GiB of float32, above an hour of
 # 5.1 audio at 48 kHz. Metadata claiming more could make decode exhaust memory.
 MAX_DECODE_VALUES = 2**30

@@ -33,7 +33,8 @@ from mmtok.errors import MmtokError
 from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
 
-from mmtok_audio.losses import LogMelDistance, SpectralLoss, si_snr
+from mmtok_audio.evaluate import measure_clips, prepare_clip
+from mmtok_audio.losses import SpectralLoss
 from mmtok_audio.modality import AudioModality
 from mmtok_audio.tokenizer import AudioTokenizer
 
@@ -131,45 +132,27 @@ def sample_segments(
 # Evaluation -------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate_tokenizer(tokenizer: AudioTokenizer, clips: list[torch.Tensor]) -> dict[str, Any]:
     """Measure reconstruction quality and codebook use on mono clips at the model's rate.
 
     Returns SI-SNR (dB, mean over clips) and log-mel distance (mean absolute natural-log
     difference of 80-band mel magnitudes) with all levels, the log-mel distance with each
-    smaller number of levels, and the fraction of each level's codebook used over all clips.
+    smaller number of levels, and the fraction of each level's codebook used over all
+    clips, as flat ``val_`` metrics from :func:`mmtok_audio.evaluate.measure_clips`.
     """
-    was_training = tokenizer.training
-    tokenizer.eval()
-    device = next(tokenizer.parameters()).device
-    log_mel = LogMelDistance(tokenizer.sample_rate).to(device)
-    hop = tokenizer.hop_length
-    snr_scores: list[float] = []
-    mel_scores: dict[int, list[float]] = {levels: [] for levels in range(1, tokenizer.levels + 1)}
-    used = torch.zeros(tokenizer.levels, tokenizer.codebook_size, dtype=torch.bool)
-    for clip in clips:
-        length = clip.shape[0]
-        frames = max(math.ceil(length / hop), 1)
-        wave = F.pad(clip, (0, frames * hop - length)).view(1, 1, -1).to(device)  # (1, 1, T)
-        codes = tokenizer.encode_tensor(wave)  # (1, L, F)
-        used |= F.one_hot(codes[0].cpu(), tokenizer.codebook_size).any(dim=1)
-        for levels in mel_scores:
-            reconstruction = tokenizer.decode_tensor(codes[:, :levels])[..., :length].view(1, -1)
-            mel_scores[levels].append(float(log_mel(reconstruction, wave[..., :length].view(1, -1))[0]))
-            if levels == tokenizer.levels:
-                snr_scores.append(float(si_snr(reconstruction, wave[..., :length].view(1, -1))[0]))
-    tokenizer.train(was_training)
-
+    result = measure_clips(tokenizer, clips)
+    rows = {row["levels"]: row for row in result["rows"]}
+    full = rows[tokenizer.levels]
     metrics: dict[str, Any] = {
-        "val_clips": len(clips),
-        "val_seconds": round(sum(clip.shape[0] for clip in clips) / tokenizer.sample_rate, 1),
-        "val_si_snr_db": round(sum(snr_scores) / len(snr_scores), 2),
-        "val_log_mel_distance": round(sum(mel_scores[tokenizer.levels]) / len(clips), 4),
+        "val_clips": result["summary"]["clips"],
+        "val_seconds": round(result["summary"]["seconds"], 1),
+        "val_si_snr_db": round(full["si_snr_db"], 2),
+        "val_log_mel_distance": full["log_mel_distance"],
     }
     for levels in range(1, tokenizer.levels):
-        metrics[f"val_log_mel_distance_{levels}_levels"] = round(sum(mel_scores[levels]) / len(clips), 4)
-    for level in range(tokenizer.levels):
-        metrics[f"val_codebook_usage_level_{level}"] = round(float(used[level].float().mean()), 4)
+        metrics[f"val_log_mel_distance_{levels}_levels"] = rows[levels]["log_mel_distance"]
+    for level, usage in enumerate(result["summary"]["codebook_usage"]):
+        metrics[f"val_codebook_usage_level_{level}"] = usage
     return metrics
 
 
@@ -294,8 +277,7 @@ def train_audio_tokenizer(
         run.log_scalars({name: value for name, value in metrics.items() if isinstance(value, float)})
         logger.info("step %d: %s", run.step, metrics)
         clip = clips[0]
-        frames = max(math.ceil(clip.shape[0] / tokenizer.hop_length), 1)
-        wave = F.pad(clip, (0, frames * tokenizer.hop_length - clip.shape[0])).view(1, 1, -1).to(device)
+        wave = prepare_clip(clip, tokenizer.hop_length).to(device)  # (1, 1, T)
         reconstruction = tokenizer.decode_tensor(tokenizer.encode_tensor(wave))[0, 0, : clip.shape[0]]
         run.log_audio("validation/original", clip, sample_rate)
         run.log_audio("validation/reconstruction", reconstruction.cpu(), sample_rate)
