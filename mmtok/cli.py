@@ -260,40 +260,80 @@ def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> No
               help="Encoding processes, each with its own copy of the tokenizer and one torch thread.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Files per shard; fixed by the first run into OUTPUT_DIR.")
-@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This job's number, from 0, when --num-shards jobs share OUTPUT_DIR.")
-@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Number of jobs sharing OUTPUT_DIR; each encodes every num-shards-th shard.")
+@click.option("--job-index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This job's number, from 0, when --num-jobs jobs share OUTPUT_DIR.")
+@click.option("--num-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of jobs sharing OUTPUT_DIR; job i encodes the shards whose number modulo --num-jobs is i.")
+@click.option("--shard-index", "old_job_index", type=click.IntRange(min=0), hidden=True,
+              help="Old name of --job-index.")
+@click.option("--num-shards", "old_num_jobs", type=click.IntRange(min=1), hidden=True, help="Old name of --num-jobs.")
+@click.option("--retry-failed", is_flag=True,
+              help="Encode again the complete shards of this job that list failed files in errors.jsonl.")
 @click.option("--device", default="cpu", show_default=True,
               help="Device of the tokenizer in each worker: cpu, cuda or auto.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch CPU threads per worker.")
 @handle_errors
-def encode_dataset_command(input_dir, output_dir, modality, tokenizer_name, workers, shard_size, shard_index,
-                           num_shards, device, threads) -> None:
+def encode_dataset_command(input_dir, output_dir, modality, tokenizer_name, workers, shard_size, job_index, num_jobs,
+                           old_job_index, old_num_jobs, retry_failed, device, threads) -> None:
     """Encode every file of a modality under INPUT_DIR into token shards in OUTPUT_DIR.
 
     Run the same command again after an interruption to encode the shards that are not
     complete. Files that fail are listed in OUTPUT_DIR/errors.jsonl and do not stop the
-    run. docs/formats.md describes the shard layout.
+    run; --retry-failed encodes them again. Ctrl-C keeps the complete shards and exits
+    with code 130. docs/formats.md describes the shard layout.
     """
+    import atexit
+    import signal
+
     from mmtok.encode_dataset import encode_dataset
 
-    if shard_index >= num_shards:
-        raise click.BadParameter(f"must be below --num-shards ({num_shards})", param_hint="--shard-index")
-    summary = encode_dataset(
-        input_dir, output_dir, modality, tokenizer_name, workers=workers, shard_size=shard_size,
-        shard_index=shard_index, num_shards=num_shards, device=device, threads=threads, show_progress=True,
-    )
+    job_index = job_index if old_job_index is None else old_job_index
+    num_jobs = num_jobs if old_num_jobs is None else old_num_jobs
+    if job_index >= num_jobs:
+        raise click.BadParameter(f"must be below --num-jobs ({num_jobs})", param_hint="--job-index")
+    # Runs before the exit handlers registered earlier (multiprocessing's among them), so a
+    # late Ctrl-C can neither interrupt them nor kill the interpreter while it shuts down.
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    summary = None
+    try:
+        summary = encode_dataset(
+            input_dir, output_dir, modality, tokenizer_name, workers=workers, shard_size=shard_size,
+            job_index=job_index, num_jobs=num_jobs, retry_failed=retry_failed, device=device, threads=threads,
+            show_progress=True,
+        )
+        _echo_encode_summary(summary, output_dir)
+    except KeyboardInterrupt as interrupt:
+        # The workers have stopped by now, and a second Ctrl-C must not print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if summary is not None:
+            click.echo("interrupted; every shard of this job was already written", err=True)
+        else:
+            remaining = getattr(interrupt, "remaining_files", None)
+            files = "the remaining files" if remaining is None else _count(remaining, "file", "the remaining")
+            click.echo(f"interrupted; rerun the same command to finish {files}", err=True)
+        sys.exit(130)
+
+
+def _echo_encode_summary(summary: Any, output_dir: Path) -> None:
     rate = summary.encoded / summary.seconds if summary.seconds > 0 else 0.0
+    done_before = summary.shards_done_before
     click.echo(
-        f"encoded {summary.encoded} files into {summary.shards_encoded} shards in {summary.seconds:.1f} s "
-        f"({rate:.1f} files/s); {summary.failed} failed; {summary.shards_done_before} shards were already done; "
-        f"{output_dir} has {summary.shards} shards for {summary.files} files",
+        f"encoded {_count(summary.encoded, 'file')} into {_count(summary.shards_encoded, 'shard')} in "
+        f"{summary.seconds:.1f} s ({rate:.1f} files/s); {summary.failed} failed; "
+        f"{_count(done_before, 'shard')} {'was' if done_before == 1 else 'were'} already done; "
+        f"{output_dir} has {_count(summary.shards, 'shard')} for {_count(summary.files, 'file')}",
         err=True,
     )
-    if summary.failed:
+    if summary.failed or summary.failed_before:
         click.echo(f"failed files and reasons: {output_dir / 'errors.jsonl'}", err=True)
+
+
+def _count(number: int, noun: str, prefix: str = "") -> str:
+    """Return ``number noun`` with the noun in the plural unless the number is 1."""
+    words = [prefix] if prefix else []
+    words += [str(number), noun if number == 1 else noun + "s"]
+    return " ".join(words)
 
 
 # generate ------------------------------------------------------------------------------

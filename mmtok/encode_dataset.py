@@ -5,10 +5,14 @@ their order in ``files.jsonl`` and cuts that list into shards of ``shard_size`` 
 Worker processes encode whole shards, and a shard is written only when all of its files
 are done (see :mod:`mmtok.shards`). A run that is killed therefore loses at most the
 shards in progress, and running the same command again encodes exactly the shards that
-are not complete. Files that fail are listed with the reason and do not stop the run.
+are not complete. Files that fail are listed with the reason and do not stop the run;
+``retry_failed`` encodes the shards that contain them again.
 
 Several jobs can share one output folder on a shared file system: job ``i`` of ``n``
-(``shard_index``, ``num_shards``) encodes the shards whose number is ``i`` modulo ``n``.
+(``job_index``, ``num_jobs``) encodes the shards whose number is ``i`` modulo ``n``.
+
+Workers ignore SIGINT, so Ctrl-C reaches only the main process, which stops the workers
+and raises :class:`EncodeInterrupted`.
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +56,21 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 256
 
+# Seconds that stopped workers get to exit before they are killed.
+_STOP_TIMEOUT = 5.0
+
+
+class EncodeInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`encode_dataset`; the complete shards are kept.
+
+    Attributes:
+        remaining_files: input files of this job in shards that are still not complete.
+    """
+
+    def __init__(self, remaining_files: int) -> None:
+        super().__init__(f"interrupted; {remaining_files} files remain")
+        self.remaining_files = remaining_files
+
 
 @dataclass
 class EncodeSummary:
@@ -66,6 +84,9 @@ class EncodeSummary:
         encoded: files this run encoded.
         failed: files this run could not encode; ``errors.jsonl`` lists them.
         seconds: wall-clock time of the encoding, without planning.
+        failed_before: files that failed in earlier runs, in complete shards of this job
+            that this run did not encode again (see ``retry_failed``).
+        missing: files of ``files.jsonl`` that are no longer in the input folder.
     """
 
     files: int
@@ -75,6 +96,8 @@ class EncodeSummary:
     encoded: int
     failed: int
     seconds: float
+    failed_before: int = 0
+    missing: int = 0
 
 
 # Planning ---------------------------------------------------------------------------
@@ -160,11 +183,10 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _start_worker(job: _Job, progress: Any, threads: int) -> None:
+def _start_worker(job: _Job, report_files: Callable[[int], None], threads: int) -> None:
     from mmtok import api
     from mmtok.plugins import get_plugin_manager
 
-    _set_parent_death_signal()
     torch.set_num_threads(threads)
     tokenizer = api.load_tokenizer(job.tokenizer, job.modality, job.device)
     if tokenizer.weights_hash() != job.tokenizer_hash:
@@ -177,7 +199,7 @@ def _start_worker(job: _Job, progress: Any, threads: int) -> None:
         tokenizer=tokenizer,
         reader=get_plugin_manager().modality(job.modality),
         dtype=ids_dtype(tokenizer.vocab_size),
-        progress=progress,
+        report_files=report_files,
     )
 
 
@@ -193,8 +215,13 @@ def _encode_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _encode_shard(index: int, names: list[str]) -> tuple[int, int, int]:
-    """Encode the files ``names`` as shard ``index``; return ``(index, encoded, failed)``."""
+    """Encode the files ``names`` as shard ``index``; return ``(index, encoded, failed)``.
+
+    A complete shard that is encoded again (to retry its failed files) is first marked
+    incomplete by deleting its index, so that a kill in the middle leaves it to the next run.
+    """
     job: _Job = _worker["job"]
+    index_path(job.output_dir, index).unlink(missing_ok=True)
     items, errors = [], []
     for name in names:
         path = job.input_dir / name
@@ -206,10 +233,32 @@ def _encode_shard(index: int, names: list[str]) -> tuple[int, int, int]:
             errors.append({"path": name, "error": message if str(path) in message else f"{path}: {message}"})
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the dataset
             errors.append({"path": name, "error": f"{path}: unexpected {type(error).__name__}: {error}"})
-        if _worker["progress"] is not None:
-            _worker["progress"].put(1)
+        _worker["report_files"](1)
     write_shard(job.output_dir, index, items, errors, job.tokenizer_hash, _worker["dtype"])
     return index, len(items), len(errors)
+
+
+def _worker_main(job: _Job, threads: int, tasks: Any, messages: Any) -> None:
+    """Encode shards from ``tasks`` until a ``None`` arrives, sending progress and results to ``messages``.
+
+    Messages are ``("files", count)``, ``("shard", (index, encoded, failed))`` and
+    ``("error", text)`` when the worker cannot start.
+    """
+    # Workers start with SIGINT blocked because the main process blocks it while starting
+    # them. Ignoring it as well keeps Ctrl-C away for good, so only the main process stops them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+    try:
+        _start_worker(job, lambda count: messages.put(("files", count)), threads)
+    except Exception as error:  # noqa: BLE001 - reported to the main process, which raises it
+        text = str(error) if isinstance(error, MmtokError) else f"unexpected {type(error).__name__}: {error}"
+        messages.put(("error", f"a worker could not start: {text}"))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        messages.put(("shard", _encode_shard(*task)))
 
 
 # The run ----------------------------------------------------------------------------
@@ -223,8 +272,9 @@ def encode_dataset(
     *,
     workers: int = 1,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    shard_index: int = 0,
-    num_shards: int = 1,
+    job_index: int = 0,
+    num_jobs: int = 1,
+    retry_failed: bool = False,
     device: str = "cpu",
     threads: int = 1,
     show_progress: bool = False,
@@ -239,13 +289,19 @@ def encode_dataset(
         tokenizer: a tokenizer name or folder; the modality's default when None.
         workers: encoding processes. 1 encodes in this process.
         shard_size: files per shard; fixed by the first run into ``output_dir``.
-        shard_index: which of ``num_shards`` jobs this is, from 0.
-        num_shards: jobs sharing the output folder; this one encodes the shards whose
-            number modulo ``num_shards`` is ``shard_index``.
+        job_index: which of ``num_jobs`` jobs this is, from 0.
+        num_jobs: jobs sharing the output folder; this one encodes the shards whose
+            number modulo ``num_jobs`` is ``job_index``.
+        retry_failed: also encode again every complete shard of this job that lists
+            failed files. The whole shard is encoded again, not only its failed files.
         device: torch device of the tokenizer in each worker.
         threads: torch CPU threads of each worker. Processes scale better than threads
             here, and one thread per worker does not oversubscribe the cores.
         show_progress: draw a progress bar of files on stderr.
+
+    Raises:
+        EncodeInterrupted: on Ctrl-C (a ``KeyboardInterrupt``), after the workers have
+            stopped and ``errors.jsonl`` has been rewritten; the complete shards are kept.
     """
     from mmtok import api
     from mmtok.plugins import get_plugin_manager
@@ -253,10 +309,10 @@ def encode_dataset(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise MmtokError(f"{input_dir}: folder not found")
-    if workers < 1 or shard_size < 1 or num_shards < 1 or not 0 <= shard_index < num_shards:
+    if workers < 1 or shard_size < 1 or num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise MmtokError(
-            f"need workers >= 1, shard_size >= 1 and 0 <= shard_index < num_shards, got {workers}, {shard_size}, "
-            f"{shard_index} and {num_shards}"
+            f"need workers >= 1, shard_size >= 1 and 0 <= job_index < num_jobs, got {workers}, {shard_size}, "
+            f"{job_index} and {num_jobs}"
         )
     entry = get_plugin_manager().modality(modality)
     name = tokenizer or entry.default_tokenizer
@@ -279,17 +335,30 @@ def encode_dataset(
 
     found = list_input_files(input_dir, entry.accepts, exclude=output_dir.resolve())
     planned = _plan(output_dir, found, shard_size)
+    missing = _warn_missing_inputs(output_dir, planned, found)
     count = -(-len(planned) // shard_size)
-    own = [index for index in range(count) if index % num_shards == shard_index]
+    own = [index for index in range(count) if index % num_jobs == job_index]
     pending = [index for index in own if not index_path(output_dir, index).is_file()]
+    failed_shards = {index: len(_shard_errors(output_dir, index)) for index in own if index not in pending}
+    failed_shards = {index: failed for index, failed in failed_shards.items() if failed}
+    failed_before = sum(failed_shards.values())
+    if retry_failed:
+        pending = sorted(set(pending) | set(failed_shards))
+        failed_before = 0
+    elif failed_before:
+        logger.warning(
+            "%d %s failed in earlier runs and %s not retried; pass --retry-failed to encode the shards with failures "
+            "again", failed_before, "file" if failed_before == 1 else "files", "is" if failed_before == 1 else "are",
+        )
     _remove_temporary_files(output_dir, set(pending))
     tasks = [
         (index, [name for name in planned[index * shard_size : (index + 1) * shard_size] if name is not None])
         for index in pending
     ]
+    done_before = len(own) - len(pending) + (len(failed_shards) if retry_failed else 0)
     logger.info(
         "%d %s files in %d shards; this job encodes %d shards, %d were done before",
-        len(planned), modality, count, len(pending), len(own) - len(pending),
+        len(planned), modality, count, len(pending), done_before,
     )
 
     job = _Job(input_dir, output_dir, modality, name, info["tokenizer_hash"], str(api.resolve_device(device)))
@@ -298,11 +367,20 @@ def encode_dataset(
         total=sum(len(names) for _, names in tasks), desc=f"encoding {modality}", unit="file",
         disable=not show_progress, dynamic_ncols=True,
     )
+    results: list[tuple[int, int, int]] = []
     try:
         if workers == 1:
-            results = _run_here(job, tasks, progress, threads)
+            _run_here(job, tasks, progress, threads, results)
         else:
-            results = _run_in_workers(job, tasks, progress, workers, threads)
+            _run_in_workers(job, tasks, progress, workers, threads, results)
+    except KeyboardInterrupt:
+        # The workers have stopped (see _run_in_workers); a second Ctrl-C must not cut
+        # short the bookkeeping below, which takes milliseconds.
+        with _sigint_ignored():
+            progress.close()
+            _merge_errors(output_dir, count)
+            remaining = sum(len(names) for index, names in tasks if not index_path(output_dir, index).is_file())
+        raise EncodeInterrupted(remaining) from None
     finally:
         progress.close()
     seconds = time.perf_counter() - started
@@ -311,69 +389,154 @@ def encode_dataset(
     encoded = sum(result[1] for result in results)
     failed = sum(result[2] for result in results)
     if failed:
-        logger.warning("%d files could not be encoded; %s lists them", failed, output_dir / ERRORS_FILE)
+        logger.warning(
+            "%d %s could not be encoded; %s lists them", failed, "file" if failed == 1 else "files",
+            output_dir / ERRORS_FILE,
+        )
     files = sum(name is not None for name in planned)
-    return EncodeSummary(files, count, len(own) - len(pending), len(results), encoded, failed, seconds)
+    return EncodeSummary(
+        files, count, done_before, len(results), encoded, failed, seconds,
+        failed_before=failed_before, missing=missing,
+    )
 
 
-class _BarUpdates:
-    """Adapter that makes a progress bar accept the worker's ``put(1)`` calls."""
+def _warn_missing_inputs(output_dir: Path, planned: list[str | None], found: list[str]) -> int:
+    """Log the planned files that are gone from the input folder; return how many there are."""
+    present = set(found)
+    missing = [name for name in planned if name is not None and name not in present]
+    if missing:
+        logger.warning(
+            "%d files of %s are no longer in the input folder (first: %s); complete shards keep their tokens, "
+            "and shards not yet encoded will list them as failed",
+            len(missing), output_dir / PLAN_FILE, missing[0],
+        )
+    return len(missing)
 
-    def __init__(self, bar: tqdm) -> None:
-        self.bar = bar
 
-    def put(self, count: int) -> None:
-        self.bar.update(count)
+def _shard_errors(output_dir: Path, index: int) -> list[dict[str, str]]:
+    path = output_dir / SHARDS_DIR / f"{shard_stem(index)}.errors.jsonl"
+    return read_json_lines(path) if path.is_file() else []
 
 
-def _run_here(job: _Job, tasks: list[tuple[int, list[str]]], progress: tqdm, threads: int) -> list[tuple[int, int, int]]:
+class _sigint_ignored:
+    """Context manager that ignores SIGINT inside it, where this is the main thread."""
+
+    def __enter__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.active:
+            # signal.signal returns None for a handler that was not set from Python.
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def _run_here(
+    job: _Job, tasks: list[tuple[int, list[str]]], progress: tqdm, threads: int, results: list[tuple[int, int, int]]
+) -> None:
     previous_threads = torch.get_num_threads()
-    _start_worker(job, _BarUpdates(progress), threads)
+    _start_worker(job, progress.update, threads)
     try:
-        return [_encode_shard(index, names) for index, names in tasks]
+        for index, names in tasks:
+            results.append(_encode_shard(index, names))
     finally:
         _worker.clear()
         torch.set_num_threads(previous_threads)
 
 
 def _run_in_workers(
-    job: _Job, tasks: list[tuple[int, list[str]]], progress: tqdm, workers: int, threads: int
-) -> list[tuple[int, int, int]]:
+    job: _Job, tasks: list[tuple[int, list[str]]], progress: tqdm, workers: int, threads: int,
+    results: list[tuple[int, int, int]],
+) -> None:
+    """Encode ``tasks`` in worker processes, appending each finished shard to ``results``.
+
+    On any exception, KeyboardInterrupt included, the workers are terminated before it
+    propagates, and the shards they had in progress stay incomplete.
+    """
     # Spawned, not forked: a fork of a process that has started torch's thread pools can
     # deadlock in the child.
     context = multiprocessing.get_context("spawn")
-    updates = context.Queue()
-    results = []
-    with ProcessPoolExecutor(
-        max_workers=min(workers, max(len(tasks), 1)), mp_context=context, initializer=_start_worker,
-        initargs=(job, updates, threads),
-    ) as pool:
-        futures: set[Future] = {pool.submit(_encode_shard, index, names) for index, names in tasks}
+    task_queue = context.Queue()
+    messages = context.Queue()
+    processes = []
+    for task in tasks:
+        task_queue.put(task)
+    count = min(workers, max(len(tasks), 1))
+    for _ in range(count):
+        task_queue.put(None)
+    finished = False
+    try:
+        # Children inherit the blocked signal mask, so a Ctrl-C during the start reaches
+        # only this process, when the mask is restored.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            while futures:
-                done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(updates, progress)
-                for future in done:
-                    results.append(future.result())
-        except BrokenProcessPool as error:
-            raise MmtokError(
-                f"a worker process died ({error}); the {len(results)} shards finished so far are kept, "
-                "so run the same command again to continue"
-            ) from error
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        _drain(updates, progress)
-    return results
+            for _ in range(count):
+                process = context.Process(target=_worker_main, args=(job, threads, task_queue, messages), daemon=True)
+                process.start()
+                processes.append(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _collect(processes, messages, progress, len(tasks), results)
+        finished = True
+    finally:
+        with _sigint_ignored():
+            _stop_workers(processes, [task_queue, messages], graceful=finished)
 
 
-def _drain(updates: Any, progress: tqdm) -> None:
-    while True:
+def _collect(
+    processes: list[Any], messages: Any, progress: tqdm, expected: int, results: list[tuple[int, int, int]]
+) -> None:
+    """Read worker messages until ``expected`` shards are done, raising if a worker fails."""
+    all_exited_before = False
+    while len(results) < expected:
         try:
-            progress.update(updates.get_nowait())
+            kind, value = messages.get(timeout=0.2)
         except queue.Empty:
-            return
+            dead = [process for process in processes if process.exitcode not in (None, 0)]
+            # Workers that exited cleanly may have sent their last messages just after the
+            # timeout, so that case raises only after a second empty read.
+            all_exited = not any(process.is_alive() for process in processes)
+            if dead or (all_exited and all_exited_before):
+                code = dead[0].exitcode if dead else 0
+                raise MmtokError(
+                    f"a worker process died (exit code {code}); the {len(results)} shards finished so far are kept, "
+                    "so run the same command again to continue"
+                ) from None
+            all_exited_before = all_exited
+            continue
+        if kind == "files":
+            progress.update(value)
+        elif kind == "shard":
+            results.append(value)
+        else:
+            raise MmtokError(value)
+
+
+def _stop_workers(processes: list[Any], queues: list[Any], graceful: bool) -> None:
+    """Stop the workers without waiting on queue threads that may be blocked.
+
+    After a clean run the workers exit on their own; otherwise they are terminated.
+    A worker that has not exited after ``_STOP_TIMEOUT`` seconds is killed.
+    """
+    for channel in queues:
+        # A feeder thread blocked on a full pipe that nobody reads any more would
+        # otherwise hang this process at exit.
+        channel.cancel_join_thread()
+    if not graceful:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            logger.warning("worker process %d did not exit; killing it", process.pid)
+            process.kill()
+            process.join()
+    for channel in queues:
+        channel.close()
 
 
 def _remove_temporary_files(output_dir: Path, shards: set[int]) -> None:
@@ -392,7 +555,6 @@ def _merge_errors(output_dir: Path, count: int) -> None:
     """Rewrite ``errors.jsonl`` from the error lists of the complete shards."""
     errors = []
     for index in range(count):
-        path = output_dir / SHARDS_DIR / f"{shard_stem(index)}.errors.jsonl"
-        if index_path(output_dir, index).is_file() and path.is_file():
-            errors.extend(read_json_lines(path))
+        if index_path(output_dir, index).is_file():
+            errors.extend(_shard_errors(output_dir, index))
     write_json_lines(output_dir / ERRORS_FILE, errors)

@@ -153,7 +153,8 @@ class ShardDataset:
 
     Every shard that ``files.jsonl`` implies must be complete, unless ``allow_incomplete``
     is set, in which case incomplete shards are skipped with a warning. The ids arrays
-    are memory-mapped, so opening a dataset reads only the indexes.
+    are memory-mapped, so opening a dataset reads only the indexes. Iterating yields
+    :class:`ShardItem` objects, not :class:`Tokens`; :meth:`tokens` converts one.
     """
 
     def __init__(self, folder: Path, *, allow_incomplete: bool = False) -> None:
@@ -166,6 +167,7 @@ class ShardDataset:
         size = int(self.info["shard_size"])
         count = -(-planned // size)
         self.shards = [index for index in range(count) if index_path(self.folder, index).is_file()]
+        self._length: int | None = None
         incomplete = count - len(self.shards)
         if incomplete:
             message = (
@@ -188,7 +190,20 @@ class ShardDataset:
     def tokenizer_hash(self) -> str:
         return str(self.info["tokenizer_hash"])
 
+    def __len__(self) -> int:
+        """Return the number of items in the complete shards.
+
+        The first call counts the lines of every shard index and caches the result.
+        """
+        if self._length is None:
+            self._length = sum(len(read_json_lines(index_path(self.folder, index))) for index in self.shards)
+        return self._length
+
     def __iter__(self) -> Iterator[ShardItem]:
+        """Yield a :class:`ShardItem` per encoded file, in ``files.jsonl`` order.
+
+        Failed files have no item. :meth:`tokens` turns an item into :class:`Tokens`.
+        """
         for index in self.shards:
             yield from self.read_shard(index)
 

@@ -124,10 +124,10 @@ def test_rerun_encodes_nothing_twice(tree, tmp_path):
 
 def test_jobs_split_the_shards(tree, tmp_path):
     root, names = tree
-    first = encode_dataset(root, tmp_path / "out", "image", shard_size=2, shard_index=0, num_shards=2)
+    first = encode_dataset(root, tmp_path / "out", "image", shard_size=2, job_index=0, num_jobs=2)
     with pytest.raises(MmtokError, match="3 of 6 shards are not complete"):
         ShardDataset(tmp_path / "out")
-    second = encode_dataset(root, tmp_path / "out", "image", shard_size=2, shard_index=1, num_shards=2)
+    second = encode_dataset(root, tmp_path / "out", "image", shard_size=2, job_index=1, num_jobs=2)
 
     assert (first.shards_encoded, second.shards_encoded) == (3, 3)
     assert [item.path for item in ShardDataset(tmp_path / "out")] == names
@@ -191,15 +191,114 @@ def test_cli_shows_progress_and_summary(tree, tmp_path):
     assert result.stdout == ""
 
 
-def test_cli_rejects_shard_index_beyond_count(tree, tmp_path):
+def test_cli_rejects_job_index_beyond_count(tree, tmp_path):
     root, _ = tree
     result = CliRunner().invoke(
-        cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image", "--shard-index", "2",
-              "--num-shards", "2"],
+        cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image", "--job-index", "2",
+              "--num-jobs", "2"],
     )
 
     assert result.exit_code == 2
-    assert "must be below --num-shards" in result.output
+    assert "must be below --num-jobs" in result.output
+
+
+def test_cli_old_job_option_names_still_work(tree, tmp_path):
+    root, _ = tree
+    result = CliRunner().invoke(
+        cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image", "--shard-size", "2",
+              "--shard-index", "1", "--num-shards", "2"],
+        catch_exceptions=False,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "encoded 5 files into 3 shards" in result.stderr
+    assert index_path(tmp_path / "out", 1).is_file()
+    assert not index_path(tmp_path / "out", 0).is_file()
+
+
+def test_cli_help_hides_old_job_options():
+    result = CliRunner().invoke(cli, ["encode-dataset", "--help"])
+
+    assert "--num-jobs" in result.output
+    assert "--num-shards" not in result.output
+    assert "--shard-index" not in result.output
+
+
+def test_cli_summary_uses_singular(tmp_path):
+    root = tmp_path / "pictures"
+    root.mkdir()
+    draw_picture(root / "only.png")
+    result = CliRunner().invoke(
+        cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image"], catch_exceptions=False,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "encoded 1 file into 1 shard in" in result.stderr
+    assert "0 shards were already done" in result.stderr
+    assert "has 1 shard for 1 file\n" in result.stderr
+
+
+def test_dataset_length_counts_items(tree, tmp_path):
+    root, names = tree
+    encode_dataset(root, tmp_path / "out", "image", shard_size=4)
+    dataset = ShardDataset(tmp_path / "out")
+
+    assert len(dataset) == len(names)
+    assert len(list(dataset)) == len(names)
+
+
+def test_rerun_reports_failures_without_retrying(tree, tmp_path, caplog):
+    root, _ = tree
+    encode_dataset(root, tmp_path / "out", "image", shard_size=4)
+
+    summary = encode_dataset(root, tmp_path / "out", "image", shard_size=4)
+
+    assert summary.shards_encoded == 0
+    assert summary.failed_before == 1
+    assert "pass --retry-failed" in caplog.text
+
+
+def test_retry_failed_encodes_fixed_file(tmp_path):
+    root = tmp_path / "pictures"
+    names = picture_tree(root, 10)
+    output = tmp_path / "out"
+    encode_dataset(root, output, "image", shard_size=4)
+    before = shard_bytes(output)
+    draw_picture(root / "broken.png")
+
+    summary = encode_dataset(root, output, "image", shard_size=4, retry_failed=True)
+
+    assert summary.shards_encoded == 1
+    assert summary.shards_done_before == 3
+    assert (summary.encoded, summary.failed, summary.failed_before) == (4, 0, 0)
+    assert (output / "errors.jsonl").read_text() == ""
+    assert sorted(item.path for item in ShardDataset(output)) == sorted(names + ["broken.png"])
+    changed = {name for name, data in shard_bytes(output).items() if before.get(name) != data}
+    assert {name.split(".")[0] for name in changed} == {"shard-000000"}
+
+
+def test_retry_failed_keeps_failure_that_remains(tree, tmp_path):
+    root, _ = tree
+    encode_dataset(root, tmp_path / "out", "image", shard_size=4)
+
+    summary = encode_dataset(root, tmp_path / "out", "image", shard_size=4, retry_failed=True)
+
+    assert (summary.shards_encoded, summary.failed) == (1, 1)
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [error["path"] for error in errors] == ["broken.png"]
+
+
+def test_rerun_warns_about_deleted_input(tmp_path, caplog):
+    root = tmp_path / "pictures"
+    names = picture_tree(root, 4)
+    encode_dataset(root, tmp_path / "out", "image", shard_size=3)
+    (root / names[0]).unlink()
+
+    summary = encode_dataset(root, tmp_path / "out", "image", shard_size=3)
+
+    assert summary.missing == 1
+    assert f"no longer in the input folder (first: {names[0]})" in caplog.text
+    assert names[0] in [item.path for item in ShardDataset(tmp_path / "out")]
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
@@ -230,6 +329,83 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert paths == names
     assert summary.shards_encoded == 25 - done_at_kill
     assert shard_bytes(output) == shard_bytes(tmp_path / "straight")
+    assert sorted(path.name for path in (output / "shards").glob(".*")) == []
+
+
+def worker_count(pid: int) -> int:
+    """Return how many spawned multiprocessing children process ``pid`` has."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        # The second field of stat is "(name)", which may contain spaces, so the parent
+        # id is read after its closing bracket.
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in command:
+            count += 1
+    return count
+
+
+def process_group_exists(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("moment", ["worker start", "mid-run"])
+def test_ctrl_c_exits_cleanly_and_resumes(tmp_path, moment):
+    """SIGINT to encode-dataset's process group stops it with code 130 and no traceback; a rerun finishes."""
+    root = tmp_path / "pictures"
+    names = picture_tree(root, 48)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "mmtok.cli", "encode-dataset", str(root), str(output), "--modality", "image",
+               "--shard-size", "2", "--workers", "2"]
+    # A new session, so that the signal goes to the workers too, as Ctrl-C in a terminal does.
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that;
+    # a Python-level handler here makes the child start with the default action instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if moment == "worker start" and worker_count(process.pid) == 2:
+            break
+        if moment == "mid-run" and sum(index_path(output, index).is_file() for index in range(25)) >= 3:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "encode-dataset finished before the signal"
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"encode-dataset did not exit within 60 s of SIGINT; stderr:\n{stderr}")
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Exception ignored" not in stderr
+    assert "interrupted; rerun the same command to finish the remaining" in stderr
+    deadline = time.monotonic() + 10
+    while process_group_exists(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_group_exists(process.pid), "a worker outlived the main process"
+    done_at_interrupt = sum(index_path(output, index).is_file() for index in range(25))
+    assert done_at_interrupt < 25
+
+    summary = encode_dataset(root, output, "image", shard_size=2)
+
+    assert summary.shards_encoded == 25 - done_at_interrupt
+    assert [item.path for item in ShardDataset(output)] == names
     assert sorted(path.name for path in (output / "shards").glob(".*")) == []
 
 
