@@ -79,7 +79,8 @@ class EncodeSummary:
     Attributes:
         files: input files in the plan, over all shards.
         shards: shards in the plan.
-        shards_done_before: shards of this job that were complete when the run started.
+        shards_done_before: shards of this job that were complete when the run started
+            and that this run did not encode again.
         shards_encoded: shards this run wrote.
         encoded: files this run encoded.
         failed: files this run could not encode; ``errors.jsonl`` lists them.
@@ -355,7 +356,7 @@ def encode_dataset(
         (index, [name for name in planned[index * shard_size : (index + 1) * shard_size] if name is not None])
         for index in pending
     ]
-    done_before = len(own) - len(pending) + (len(failed_shards) if retry_failed else 0)
+    done_before = len(own) - len(pending)
     logger.info(
         "%d %s files in %d shards; this job encodes %d shards, %d were done before",
         len(planned), modality, count, len(pending), done_before,
