@@ -20,7 +20,7 @@ from mmtok.modality import Sample
 from mmtok.tokens import Tokens
 from mmtok_audio import AudioModality, AudioTokenizer
 from mmtok_audio.losses import LogMelDistance
-from mmtok_audio.train import evaluate_tokenizer, load_clips, train_audio_tokenizer
+from mmtok_audio.train import evaluate_tokenizer, load_clips, sample_segments, synthetic_tones, train_audio_tokenizer
 
 # Small enough to run in milliseconds, with the real hop of 320 samples at 16 kHz.
 TINY = {
@@ -781,3 +781,31 @@ def test_decode_rejects_too_many_channels(bundled):
 def test_encode_rejects_too_many_channels(bundled):
     with pytest.raises(MmtokError, match="has 65 channels; at most 64 are supported"):
         bundled.encode(Sample(torch.zeros(65, 3200), {"sample_rate": 16000}))
+
+
+def test_sample_segments_without_tones_draws_nothing_extra():
+    clips = [torch.linspace(-0.5, 0.5, 4000)]
+    plain_generator = torch.Generator().manual_seed(3)
+    plain = sample_segments(clips, 4, 1600, plain_generator)
+    generator = torch.Generator().manual_seed(3)
+    shared = sample_segments(clips, 4, 1600, generator, tone_share=0.0)
+
+    assert torch.equal(plain, shared)
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=plain_generator))
+
+
+def test_sample_segments_tones_replace_every_segment():
+    silent = [torch.zeros(4000)]
+    batch = sample_segments(silent, 6, 1600, torch.Generator().manual_seed(0), tone_share=1.0, sample_rate=16000)
+    peaks = batch.abs().amax(dim=(1, 2))
+    assert tuple(batch.shape) == (6, 1, 1600)
+    assert bool((peaks >= 10 ** (-30 / 20) - 1e-6).all())
+    assert bool((peaks <= 10 ** (-3 / 20) + 1e-6).all())
+
+
+def test_synthetic_tone_frequency_in_range():
+    tones = synthetic_tones(20, 16000, 16000, torch.Generator().manual_seed(1))
+    spectrum = torch.fft.rfft(tones).abs()  # 1 s, so bin k is k Hz
+    strongest = spectrum.argmax(dim=1)
+    assert bool((strongest >= 25).all())
+    assert bool((strongest <= 0.45 * 16000 * 1.01).all())

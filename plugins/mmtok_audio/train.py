@@ -94,12 +94,42 @@ def load_clips(files: list[Path], sample_rate: int, as_int16: bool = False) -> l
     return clips
 
 
+def synthetic_tones(count: int, segment_samples: int, sample_rate: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``(count, segment_samples)`` sums of one to three steady or gliding sine tones.
+
+    Speech and music leave gaps that a codec never learns to code, such as steady pure
+    tones above 1 kHz. Each tone's start frequency is log-uniform between 50 Hz and 90%
+    of the Nyquist frequency, half of the tones glide linearly to a frequency up to one
+    octave away, and each segment is scaled to a peak between -30 and -3 dBFS.
+    """
+    time = torch.arange(segment_samples, dtype=torch.float64) / sample_rate  # (T,)
+    duration = segment_samples / sample_rate
+    top = 0.45 * sample_rate
+    tones = []
+    for _ in range(count):
+        partials = int(torch.randint(1, 4, (), generator=generator))
+        wave = torch.zeros(segment_samples, dtype=torch.float64)
+        for _ in range(partials):
+            start = math.exp(math.log(50.0) + float(torch.rand((), generator=generator)) * math.log(top / 50.0))
+            glide = 2.0 ** (2.0 * float(torch.rand((), generator=generator)) - 1.0)
+            end = min(start * glide, top) if float(torch.rand((), generator=generator)) < 0.5 else start
+            phase = 2 * math.pi * float(torch.rand((), generator=generator))
+            amplitude = 0.2 + 0.8 * float(torch.rand((), generator=generator))
+            # The phase of a linear glide is the integral of its frequency.
+            wave += amplitude * torch.sin(2 * math.pi * (start * time + (end - start) * time.pow(2) / (2 * duration)) + phase)
+        peak_db = -30.0 + 27.0 * float(torch.rand((), generator=generator))
+        tones.append(wave / wave.abs().max().clamp_min(1e-9) * 10.0 ** (peak_db / 20.0))
+    return torch.stack(tones).float()
+
+
 def sample_segments(
     clips: list[torch.Tensor],
     batch_size: int,
     segment_samples: int,
     generator: torch.Generator | None = None,
     rows: slice = slice(None),
+    tone_share: float = 0.0,
+    sample_rate: int = 16000,
 ) -> torch.Tensor:
     """Draw random float32 ``(B, 1, segment_samples)`` segments with random gain.
 
@@ -108,7 +138,9 @@ def sample_segments(
     likely. Clips shorter than a segment are zero-padded on the right. The draws come
     from ``generator`` (torch's global one when None) and are made for all
     ``batch_size`` segments; only the segments ``rows`` are cut and returned, so each
-    process of a distributed run gets its part of the same batch.
+    process of a distributed run gets its part of the same batch. With ``tone_share``
+    above 0, each segment is replaced with probability ``tone_share`` by
+    :func:`synthetic_tones` at ``sample_rate``; at 0 no extra draws are made.
     """
     lengths = torch.tensor([clip.shape[0] for clip in clips], dtype=torch.float64)
     choices = torch.multinomial(lengths, batch_size, replacement=True, generator=generator)
@@ -125,8 +157,14 @@ def sample_segments(
         if clip.dtype == torch.int16:
             segment = segment / 32768.0
         segments.append(F.pad(segment, (0, segment_samples - segment.shape[0])))
-    batch = torch.stack(segments).unsqueeze(1)  # (B, 1, T)
-    return batch * 10.0 ** (gain_db[rows] / 20.0)
+    batch = torch.stack(segments).unsqueeze(1) * 10.0 ** (gain_db[rows] / 20.0)  # (B, 1, T)
+    if tone_share > 0:
+        replace = torch.rand(batch_size, generator=generator) < tone_share  # (B,)
+        tones = synthetic_tones(int(replace.sum()), segment_samples, sample_rate, generator)
+        full = torch.zeros(batch_size, segment_samples)
+        full[replace] = tones
+        batch = torch.where(replace[rows, None, None], full[rows].unsqueeze(1), batch)
+    return batch
 
 
 # Evaluation -------------------------------------------------------------------------
@@ -183,6 +221,7 @@ def train_audio_tokenizer(
     quantizer_dropout: float = 0.1,
     device: str = "auto",
     command: str | None = None,
+    tone_share: float = 0.0,
 ) -> AudioTokenizer:
     """Train an :class:`AudioTokenizer` on ``data_dir`` and save it to ``output_dir``.
 
@@ -208,6 +247,8 @@ def train_audio_tokenizer(
             residual levels (1 to levels - 1) instead of all of them.
         model_args: keyword arguments of :class:`AudioTokenizer`; its defaults when None.
         device: ``auto``, ``cpu`` or ``cuda``.
+        tone_share: share of training segments replaced by synthetic sine tones and
+            glides (:func:`synthetic_tones`); the bundled model used 0.
     """
     context = distributed.setup(device)
     device = context.device
@@ -243,7 +284,9 @@ def train_audio_tokenizer(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = sample_segments(train_clips, batch_size, segment_samples, generator, part).to(device)  # (B, 1, T)
+        batch = sample_segments(
+            train_clips, batch_size, segment_samples, generator, part, tone_share, sample_rate
+        ).to(device)  # (B, 1, T)
         # Every process draws the same number of levels: each level's codebook update is
         # a collective operation that all processes must join.
         levels = None
@@ -292,7 +335,8 @@ def train_audio_tokenizer(
         command = "mmtok " + shlex.join(sys.argv[1:])
     tokenizer.training_note = (
         f"Trained for {steps} steps (batch {batch_size} x {segment_samples / sample_rate:g} s segments, "
-        f"peak learning rate {lr:g}, seed {seed}, quantizer dropout {quantizer_dropout:g}) on "
+        f"peak learning rate {lr:g}, seed {seed}, quantizer dropout {quantizer_dropout:g}, "
+        f"synthetic tone share {tone_share:g}) on "
         f"{len(train_clips)} files ({train_seconds / 60:.1f} min) of {train_files[0].parent}. "
         f"Loss: {WAVE_L1_WEIGHT:g} x waveform L1 + multi-resolution STFT (spectral convergence + "
         f"log magnitude) + multi-resolution log-mel L1 + commitment; no adversarial loss. "
@@ -325,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default when omitted)")
+    parser.add_argument(
+        "--tone-share", type=float, default=0.0, help="share of segments replaced by synthetic sine tones (default: 0)"
+    )
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -344,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             resume=arguments.resume,
             checkpoint_every=arguments.checkpoint_every,
             device=arguments.device,
+            tone_share=arguments.tone_share,
             command=command,
         )
     except MmtokError as error:
