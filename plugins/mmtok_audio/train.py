@@ -98,9 +98,9 @@ def synthetic_tones(count: int, segment_samples: int, sample_rate: int, generato
     """Draw ``(count, segment_samples)`` sums of one to three steady or gliding sine tones.
 
     Speech and music leave gaps that a codec never learns to code, such as steady pure
-    tones above 1 kHz. Each tone's start frequency is log-uniform between 50 Hz and 90%
-    of the Nyquist frequency, half of the tones glide linearly to a frequency up to one
-    octave away, and each segment is scaled to a peak between -30 and -3 dBFS.
+    tones above 1 kHz. Each tone starts at a frequency drawn log-uniformly between 50 Hz
+    and 90% of the Nyquist frequency. Half of the tones glide linearly to a frequency up
+    to one octave away. Each segment is scaled to a peak between -30 and -3 dBFS.
     """
     time = torch.arange(segment_samples, dtype=torch.float64) / sample_rate  # (T,)
     duration = segment_samples / sample_rate
