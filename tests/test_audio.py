@@ -809,3 +809,10 @@ def test_synthetic_tone_frequency_in_range():
     strongest = spectrum.argmax(dim=1)
     assert bool((strongest >= 25).all())
     assert bool((strongest <= 0.45 * 16000 * 1.01).all())
+
+
+def test_sample_segments_rare_tones_keep_clips():
+    clips = [torch.linspace(-0.5, 0.5, 4000)]
+    batches = [sample_segments(clips, 2, 1600, torch.Generator().manual_seed(seed), tone_share=0.01) for seed in range(20)]
+    assert all(tuple(batch.shape) == (2, 1, 1600) for batch in batches)
+    assert synthetic_tones(0, 1600, 16000).shape == (0, 1600)

@@ -119,6 +119,8 @@ def synthetic_tones(count: int, segment_samples: int, sample_rate: int, generato
             wave += amplitude * torch.sin(2 * math.pi * (start * time + (end - start) * time.pow(2) / (2 * duration)) + phase)
         peak_db = -30.0 + 27.0 * float(torch.rand((), generator=generator))
         tones.append(wave / wave.abs().max().clamp_min(1e-9) * 10.0 ** (peak_db / 20.0))
+    if not tones:
+        return torch.zeros(0, segment_samples)
     return torch.stack(tones).float()
 
 
