@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmtok.errors import MmtokError
-from mmtok.hub import HubModel, load_model
+from mmtok.hub import HubModel, bundled_models, load_model
 from mmtok.modality import Sample
 from mmtok.plugins import get_plugin_manager
 from mmtok.tokenizer import Tokenizer
@@ -116,8 +116,6 @@ def decode_tokens(
     records: a token file from elsewhere must not choose a folder or Hub repo to load.
     """
     if tokenizer is None:
-        from mmtok.hub import bundled_models
-
         if tokens.tokenizer not in bundled_models():
             raise MmtokError(
                 f"tokens were made by tokenizer {tokens.tokenizer!r}, which is not bundled; "
