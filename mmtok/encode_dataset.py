@@ -521,7 +521,7 @@ def _stop_workers(processes: list[Any], queues: list[Any], graceful: bool) -> No
     A worker that has not exited after ``_STOP_TIMEOUT`` seconds is killed.
     """
     for channel in queues:
-        # A feeder thread blocked on a full pipe that nobody reads any more would
+        # A feeder thread blocked on a full pipe that no process reads any more would
         # otherwise hang this process at exit.
         channel.cancel_join_thread()
     if not graceful:

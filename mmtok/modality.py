@@ -89,7 +89,7 @@ class Modality:
         one row for an image tokenizer). ``summary`` contains what applies to the whole
         run, such as the number of files. ``options`` are the ``--option KEY=VALUE`` pairs
         of `mmtok eval tokenizer` as strings, plus ``grid`` (a :class:`~pathlib.Path`) when
-        `--grid` asks for a picture of originals beside reconstructions. A modality raises
+        `--grid` requests a picture of originals beside reconstructions. A modality raises
         :class:`MmtokError` for an option it does not know.
         """
         raise MmtokError(

@@ -366,8 +366,8 @@ def test_ctrl_c_exits_cleanly_and_resumes(tmp_path, moment):
     command = [sys.executable, "-m", "mmtok.cli", "encode-dataset", str(root), str(output), "--modality", "image",
                "--shard-size", "2", "--workers", "2"]
     # A new session, so that the signal goes to the workers too, as Ctrl-C in a terminal does.
-    # A shell starts background jobs with SIGINT ignored, and the child would inherit that;
-    # a Python-level handler here makes the child start with the default action instead.
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that.
+    # A Python-level handler here makes the child start with the default action instead.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         process = subprocess.Popen(

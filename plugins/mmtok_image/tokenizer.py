@@ -238,11 +238,13 @@ class ImageTokenizer(Tokenizer):
     def encode_batch(self, samples: list[Sample], resize: str = "fit") -> list[Tokens]:
         """Encode ``(3, H, W)`` images into ``(h, w)`` code grids.
 
-        ``resize`` chooses how an image of any size reaches the encoder: ``"fit"`` scales
-        it into the ``resolution`` square and pads with white, ``"crop"`` scales the centred
-        square to it (decode returns the original size, white outside that square), and
-        ``"pad"`` keeps every pixel and pads with white to multiples of the downsampling
-        factor, so the grid is ``(ceil(H / f), ceil(W / f))`` and varies with the image.
+        ``resize`` chooses how an image of any size reaches the encoder:
+
+        - ``"fit"`` scales it into the ``resolution`` square and pads with white.
+        - ``"crop"`` scales the centred square to it. Decode returns the original size,
+          white outside that square.
+        - ``"pad"`` keeps every pixel and pads with white to multiples of the downsampling
+          factor f, so the grid is ``(ceil(H / f), ceil(W / f))`` and varies with the image.
         """
         if resize not in RESIZE_MODES:
             raise MmtokError(f"invalid resize mode {resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
@@ -254,8 +256,8 @@ class ImageTokenizer(Tokenizer):
         device = next(self.parameters()).device
         if resize == "pad":
             # Padded images differ in size, so each one is encoded on its own.
-            # NOTE: this runs the encoder at full size, so memory grows with the pixel count;
-            # only MMTOK_MAX_IMAGE_PIXELS bounds it, and that limit is sized for reading files.
+            # NOTE: this runs the encoder at full size, so memory grows with the pixel count.
+            # Only MMTOK_MAX_IMAGE_PIXELS bounds it, and that limit is sized for reading files.
             grids = [self.encode_tensor(canvas[None].to(device))[0] for canvas, _ in prepared]
         else:
             grids = list(self.encode_tensor(torch.stack([canvas for canvas, _ in prepared]).to(device)))
