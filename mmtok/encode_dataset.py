@@ -245,8 +245,9 @@ def _worker_main(job: _Job, threads: int, tasks: Any, messages: Any) -> None:
     Messages are ``("files", count)``, ``("shard", (index, encoded, failed))`` and
     ``("error", text)`` when the worker cannot start.
     """
-    # Workers start with SIGINT blocked because the main process blocks it while starting
-    # them. Ignoring it as well keeps Ctrl-C away for good, so only the main process stops them.
+    # Workers start with SIGINT ignored, as the main process ignores it while starting them.
+    # Setting it again keeps Ctrl-C away whatever started the worker, so only the main
+    # process stops them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
     try:
@@ -468,16 +469,15 @@ def _run_in_workers(
         task_queue.put(None)
     finished = False
     try:
-        # Children inherit the blocked signal mask, so a Ctrl-C during the start reaches
-        # only this process, when the mask is restored.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        # A spawned child does not inherit the signal mask, but it keeps an ignored
+        # disposition through exec, and Python then installs no KeyboardInterrupt handler.
+        # So workers ignore Ctrl-C from their first instruction. A Ctrl-C that arrives
+        # while start() runs is lost, and the next one stops the run.
+        with _sigint_ignored():
             for _ in range(count):
                 process = context.Process(target=_worker_main, args=(job, threads, task_queue, messages), daemon=True)
                 process.start()
                 processes.append(process)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _collect(processes, messages, progress, len(tasks), results)
         finished = True
     finally:
