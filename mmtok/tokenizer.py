@@ -87,6 +87,14 @@ class Tokenizer(HubModel):
         """Return the default generator segment length and sequence options."""
         return 256, {}
 
+    def sequence_grid(self, sequence_length: int, **options: Any) -> tuple[int, int] | None:
+        """Return ``(rows, columns)`` when a sequence of this length is a raster-order grid.
+
+        The generator then gives the sequence 2-D rotary positions. None (the default)
+        means the sequence is 1-D, as for text and audio.
+        """
+        return None
+
     # Files --------------------------------------------------------------------------
 
     def encode_file(self, path: Path) -> Tokens:

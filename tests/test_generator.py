@@ -108,7 +108,7 @@ class MarkovChainDenoiser(Generator):
             powers.append(powers[-1] @ smoothed)
         self.log_powers = torch.stack(powers).log()  # (L + 1, K, K)
 
-    def masked_logits(self, ids: torch.Tensor, batch: Batch, where: torch.Tensor) -> torch.Tensor:
+    def masked_logits(self, ids: torch.Tensor, batch: Batch, where: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         content = slice(1, CHAIN_LENGTH + 1)
         offset = self.token_space.range("chain").offset
         symbols = ids[:, content] - offset  # (B, L), negative where masked
@@ -273,6 +273,61 @@ def test_batch_layout_markers_and_padding():
     assert batch.ids[0].tolist() == expected
 
 
+def test_grid_positions_are_rows_and_columns():
+    space = two_modality_space()
+    batch = build_batch(space, {"text": TEXT_LENGTH, "grid": GRID_LENGTH}, [text_and_grid([3, 4])], grid_shapes={"grid": (2, 4)})
+    text_stop = TEXT_LENGTH + 2  # <text>, then L + 1 slots for content, </text> and padding
+    assert batch.positions[:text_stop].tolist() == [[p, p] for p in range(text_stop)]
+    grid = batch.positions[text_stop + 1 : text_stop + 1 + GRID_LENGTH] - (text_stop + 1)
+    assert grid.tolist() == [[r, c] for r in range(2) for c in range(4)]
+    assert batch.positions[text_stop].tolist() == [text_stop, text_stop]  # <grid> marker
+    assert batch.positions[-1].tolist() == [text_stop + 5, text_stop + 5]  # </grid> after max(2, 4)
+
+
+def test_grid_shape_must_hold_sequence_length():
+    with pytest.raises(ValueError, match="grid shape"):
+        small_generator(grid_shapes={"grid": [3, 3]})
+
+
+def test_rotary_of_diagonal_positions_equals_1d_rotary():
+    # (p, p) positions rotate every channel pair by p times its frequency, as 1-D rotary does.
+    from mmtok.generate.model import rotary_tables
+
+    positions = torch.arange(10)
+    cos, sin = rotary_tables(torch.stack([positions, positions], dim=1), 16)
+    frequencies = 10000.0 ** (-torch.arange(0, 16, 2).float() / 16)
+    assert torch.allclose(cos, (positions[:, None] * frequencies).cos())
+    assert torch.allclose(sin, (positions[:, None] * frequencies).sin())
+
+
+def test_grid_attention_depends_on_grid_shape():
+    # The same ids give other logits when the model reads them as a 2x4 rather than a 1-D grid.
+    flat, grid = small_generator(), small_generator(grid_shapes={"grid": [2, 4]})
+    example = [text_and_grid([3, 4])]
+    assert not torch.allclose(flat(flat.make_batch(example).ids, flat.make_batch(example)), grid(grid.make_batch(example).ids, grid.make_batch(example)))
+
+
+def test_time_conditioning_uses_time():
+    model = small_generator(time_conditioning=True)
+    batch = model.make_batch([text_and_grid([3, 4])])
+    early = model(batch.ids, batch, torch.tensor([0.1]))
+    late = model(batch.ids, batch, torch.tensor([0.9]))
+    assert not torch.allclose(early, late)
+
+
+def test_time_conditioning_reaches_time_embedding_in_loss():
+    model = small_generator(time_conditioning=True).train()
+    batch = model.make_batch([text_and_grid([3, 4])] * 4)
+    model.loss(batch, generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in model.time_embedding.parameters())
+
+
+def test_time_of_masked_share_inverts_schedule():
+    t = torch.linspace(0.01, 1.0, 50)
+    for schedule in (LogLinearSchedule(), CosineSchedule()):
+        assert torch.allclose(schedule.time_of_masked_share(1 - schedule.alpha(t)), t, atol=1e-5)
+
+
 def test_batch_maskable_excludes_markers():
     batch = build_batch(two_modality_space(), {"text": TEXT_LENGTH, "grid": GRID_LENGTH}, [text_and_grid([3])])
     # Text: begin marker fixed, 7 slots for tokens, end marker and padding.
@@ -326,7 +381,7 @@ def test_text_decode_keeps_full_length():
 def test_logits_infinite_outside_modality_range():
     model = small_generator()
     batch = model.make_batch([text_and_grid([3, 4])])
-    logits = model(batch.ids, batch.modality_index, batch.position_kind)[0]
+    logits = model(batch.ids, batch)[0]
     space = model.token_space
     grid_position = batch.layout.segments[1].content.start
     legal = torch.isfinite(logits[grid_position]).nonzero()[:, 0]
@@ -336,7 +391,7 @@ def test_logits_infinite_outside_modality_range():
 def test_text_logits_allow_end_and_pad():
     model = small_generator()
     batch = model.make_batch([text_and_grid([3, 4])])
-    logits = model(batch.ids, batch.modality_index, batch.position_kind)[0]
+    logits = model(batch.ids, batch)[0]
     space = model.token_space
     text_position = batch.layout.segments[0].content.start
     legal = set(torch.isfinite(logits[text_position]).nonzero()[:, 0].tolist())
@@ -466,8 +521,8 @@ def test_save_load_gives_identical_logits(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
     batch = model.make_batch([text_and_grid([3, 4])])
-    expected = model(batch.ids, batch.modality_index, batch.position_kind)
-    assert torch.equal(loaded(batch.ids, batch.modality_index, batch.position_kind), expected)
+    expected = model(batch.ids, batch)
+    assert torch.equal(loaded(batch.ids, batch), expected)
 
 
 def test_save_writes_card_with_vocabulary(tmp_path):

@@ -42,14 +42,19 @@ T_MIN = 1e-3
 # Building blocks --------------------------------------------------------------------
 
 
-def rotary_tables(length: int, head_dim: int, device: torch.device, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(cos, sin)`` tables of shape ``(T, head_dim / 2)`` for rotary positions.
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(cos, sin)`` tables of shape ``(T, head_dim / 2)`` for ``(T, 2)`` positions.
 
     Rotary position embedding follows Su et al. (2021, "RoFormer"): pairs of query and key
-    channels rotate by an angle proportional to the position.
+    channels rotate by an angle proportional to the position. The frequencies form one
+    geometric ladder as in 1-D rotary embedding, and alternate between the two axes: even
+    pairs rotate with the row, odd pairs with the column. A position ``(p, p)`` therefore
+    rotates exactly as position ``p`` of 1-D rotary embedding, and each grid axis keeps
+    frequencies over the whole range.
     """
-    frequencies = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * frequencies[None, :]
+    frequencies = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    axis = torch.arange(head_dim // 2, device=positions.device) % 2  # (head_dim / 2,)
+    angles = positions[:, axis].float() * frequencies[None, :]  # (T, head_dim / 2)
     return angles.cos(), angles.sin()
 
 
@@ -106,6 +111,25 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class TimeEmbedding(nn.Module):
+    """Embed diffusion times ``(B,)`` in [0, 1] as ``(B, D)`` vectors: sinusoids, then an MLP.
+
+    The sinusoidal features follow the timestep embedding of DiT (Peebles and Xie, 2023).
+    """
+
+    def __init__(self, dim: int, frequencies: int = 128) -> None:
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequencies // 2
+        # Times are scaled to [0, 1000] so the fastest sinusoid turns many times over [0, 1].
+        rates = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = 1000.0 * t.float()[:, None] * rates[None, :]  # (B, frequencies / 2)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
 @dataclass
@@ -168,6 +192,13 @@ class Generator(HubModel):
             warning for other orders. ``None`` means not recorded.
         sequence_options: per-modality keyword arguments for the tokenizer's
             ``to_sequence`` and ``from_sequence``, e.g. ``{"audio": {"levels": 2}}``.
+        grid_shapes: ``[rows, columns]`` of modalities whose sequence is a raster-order
+            grid, e.g. ``{"image": [8, 8]}``. Their content gets 2-D rotary positions;
+            other modalities get 1-D positions (see :mod:`mmtok.generate.sequence`).
+        time_conditioning: add an embedding of the diffusion time to every position.
+            Off by default: the masked positions already tell the denoiser how far the
+            process has gone (Ou et al., 2024; Sahoo et al., 2024). When on, sampling
+            passes the share of masked positions as the time.
     """
 
     card_template = "generator"
@@ -189,6 +220,8 @@ class Generator(HubModel):
         variable_length: list[str] | None = None,
         layouts: list[list[str]] | None = None,
         sequence_options: dict[str, dict[str, Any]] | None = None,
+        grid_shapes: dict[str, list[int]] | None = None,
+        time_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads or (dim // heads) % 2:
@@ -210,6 +243,15 @@ class Generator(HubModel):
         self.variable_length = list(variable_length)
         self.layouts = [list(layout) for layout in layouts] if layouts is not None else None
         self.sequence_options = {modality: dict(options) for modality, options in (sequence_options or {}).items()}
+        self.grid_shapes = {modality: [int(size) for size in shape] for modality, shape in (grid_shapes or {}).items()}
+        for modality, shape in self.grid_shapes.items():
+            if len(shape) != 2 or modality not in self.sequence_lengths or shape[0] * shape[1] != self.sequence_lengths[modality]:
+                raise ValueError(
+                    f"grid shape {shape} of {modality!r} must be [rows, columns] holding its sequence length "
+                    f"{self.sequence_lengths.get(modality)}"
+                )
+            if modality in self.variable_length:
+                raise ValueError(f"{modality!r} is variable-length and cannot have a grid shape")
         self.schedule = get_schedule(schedule)
         self.condition_dropout = condition_dropout
         self.condition_noising = condition_noising
@@ -219,6 +261,7 @@ class Generator(HubModel):
         self.token_embedding = nn.Embedding(vocab_size, dim)
         self.modality_embedding = nn.Embedding(len(self.token_space.modalities), dim)
         self.embedding_dropout = nn.Dropout(dropout)
+        self.time_embedding = TimeEmbedding(dim) if time_conditioning else None
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(dim)
         # Tying uses the embedding matrix in F.linear rather than sharing a Parameter,
@@ -241,11 +284,22 @@ class Generator(HubModel):
 
     # Forward --------------------------------------------------------------------------
 
-    def hidden_states(self, ids: torch.Tensor, modality_index: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, T)`` unified ids and ``(T,)`` modality indices to ``(B, T, D)`` features."""
-        x = self.token_embedding(ids) + self.modality_embedding(modality_index)[None]  # (B, T, D)
+    def hidden_states(self, ids: torch.Tensor, batch: Batch, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Map ``(B, T)`` unified ids of ``batch``'s layout to ``(B, T, D)`` features.
+
+        ``t`` is the ``(B,)`` diffusion time, used only with time conditioning. When it is
+        None, the time whose expected share of masked target positions equals the observed
+        share stands in for it.
+        """
+        x = self.token_embedding(ids) + self.modality_embedding(batch.modality_index)[None]  # (B, T, D)
+        if self.time_embedding is not None:
+            if t is None:
+                target = batch.maskable & ~batch.condition
+                masked = (ids == self.token_space.mask_id) & target[None, :]
+                t = self.schedule.time_of_masked_share(masked.sum(1) / target.sum().clamp(min=1))
+            x = x + self.time_embedding(t)[:, None, :]
         x = self.embedding_dropout(x)
-        cos, sin = rotary_tables(ids.shape[1], x.shape[-1] // self.heads, ids.device)
+        cos, sin = rotary_tables(batch.positions, x.shape[-1] // self.heads)
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.final_norm(x)
@@ -260,19 +314,21 @@ class Generator(HubModel):
         logits = F.linear(hidden, weight).float()
         return logits.masked_fill(~self.allowed[kinds], float("-inf"))
 
-    def forward(self, ids: torch.Tensor, modality_index: torch.Tensor, position_kind: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, batch: Batch, t: torch.Tensor | None = None) -> torch.Tensor:
         """Return ``(B, T, V)`` float32 logits of the clean token at every position.
 
         Args:
-            ids: ``(B, T)`` unified ids with ``<mask>`` at noised positions.
-            modality_index: ``(T,)`` index of each position's modality.
-            position_kind: ``(T,)`` row of the allowed-id table for each position.
+            ids: ``(B, T)`` unified ids of ``batch``'s layout, with ``<mask>`` at noised positions.
+            batch: gives the per-position tables of the layout.
+            t: ``(B,)`` diffusion times; read only with time conditioning.
         """
-        return self.restricted_logits(self.hidden_states(ids, modality_index), position_kind[None, :])
+        return self.restricted_logits(self.hidden_states(ids, batch, t), batch.position_kind[None, :])
 
-    def masked_logits(self, ids: torch.Tensor, batch: Batch, where: torch.Tensor) -> torch.Tensor:
+    def masked_logits(
+        self, ids: torch.Tensor, batch: Batch, where: torch.Tensor, t: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Return ``(N, V)`` float32 logits at the ``N`` positions where ``(B, T)`` ``where`` is True."""
-        hidden = self.hidden_states(ids, batch.modality_index)
+        hidden = self.hidden_states(ids, batch, t)
         kinds = batch.position_kind[None, :].expand_as(where)
         return self.restricted_logits(hidden[where], kinds[where])
 
@@ -327,7 +383,7 @@ class Generator(HubModel):
         masked = counted & (draw < 1 - self.schedule.alpha(t)[:, None])
         noisy = ids.masked_fill(masked | dropped, self.token_space.mask_id)
 
-        logits = self.masked_logits(noisy, batch, masked)  # (N, V)
+        logits = self.masked_logits(noisy, batch, masked, t)  # (N, V)
         cross_entropy = F.cross_entropy(logits, ids[masked], reduction="none")  # (N,)
         weight = scale * self.schedule.weight(t)[:, None].expand_as(masked)[masked]
         elbo = weight * cross_entropy  # (N,) nats
@@ -376,11 +432,13 @@ class Generator(HubModel):
 
     def layout(self, modalities: Sequence[str]) -> Layout:
         """Return the layout of a segment order, condition segments first."""
-        return Layout(self.token_space, self.sequence_lengths, modalities, self.variable_length)
+        return Layout(self.token_space, self.sequence_lengths, modalities, self.variable_length, self.grid_shapes)
 
     def make_batch(self, examples: Sequence[Example]) -> Batch:
         """Build a batch on the model's device from examples of one segment order."""
-        return build_batch(self.token_space, self.sequence_lengths, examples, self.variable_length).to(self.device)
+        return build_batch(
+            self.token_space, self.sequence_lengths, examples, self.variable_length, self.grid_shapes
+        ).to(self.device)
 
     # Generation ---------------------------------------------------------------------
 

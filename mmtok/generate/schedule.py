@@ -19,7 +19,7 @@ import torch
 
 
 class Schedule:
-    """Base class of noise schedules. Subclasses implement :meth:`alpha` and :meth:`weight`."""
+    """Base class of noise schedules. Subclasses implement :meth:`alpha`, :meth:`weight` and :meth:`time_of_masked_share`."""
 
     name: str = ""
 
@@ -29,6 +29,10 @@ class Schedule:
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """Return the ELBO weight ``-alpha'(t) / (1 - alpha(t))`` for ``t`` in (0, 1]."""
+        raise NotImplementedError
+
+    def time_of_masked_share(self, share: torch.Tensor) -> torch.Tensor:
+        """Return the time ``t`` at which the expected share of masked tokens, ``1 - alpha(t)``, is ``share``."""
         raise NotImplementedError
 
     def unmask_probability(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,9 @@ class LogLinearSchedule(Schedule):
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         return 1 / t
 
+    def time_of_masked_share(self, share: torch.Tensor) -> torch.Tensor:
+        return share.float()
+
 
 class CosineSchedule(Schedule):
     """``alpha(t) = cos(pi t / 2)``: fewer tokens are masked at small ``t`` than log-linear."""
@@ -69,6 +76,9 @@ class CosineSchedule(Schedule):
         # 1 - cos(x) is written as 2 sin(x/2)^2, which keeps its precision for small t.
         half_angle = 0.25 * math.pi * t
         return 0.5 * math.pi * torch.sin(2 * half_angle) / (2 * torch.sin(half_angle) ** 2)
+
+    def time_of_masked_share(self, share: torch.Tensor) -> torch.Tensor:
+        return torch.arccos((1 - share.float()).clamp(-1.0, 1.0)) * (2 / math.pi)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

@@ -10,6 +10,14 @@ condition. The last segment is the target.
 The begin marker of every segment and the end marker of a fixed-length segment are never
 masked. In a variable-length segment the ``L + 1`` positions after the begin marker are
 all maskable, because the position of the end marker is part of what is generated.
+
+Every position also has a 2-D rotary position ``(row, column)``, following the
+multimodal rotary positions of Qwen2-VL (Wang et al., 2024). A position of a 1-D segment
+(text, audio, the markers) at running index ``p`` gets ``(p, p)``. The content of a grid
+segment (an ``h x w`` image in raster order) starting at ``p`` gets ``(p + r, p + c)`` for
+row ``r`` and column ``c``, and the running index then advances by ``max(h, w)``. With
+the rotary frequencies split between the two axes, 1-D positions rotate exactly as in
+ordinary 1-D rotary embedding.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class Layout:
         sequence_lengths: content length ``L`` per modality.
         modalities: the segment order, condition segments first and the target last.
         variable_length: modalities whose segments may end early (text).
+        grid_shapes: ``(rows, columns)`` of modalities whose content is a raster-order
+            grid (images); the other modalities get 1-D positions.
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class Layout:
         sequence_lengths: dict[str, int],
         modalities: Sequence[str],
         variable_length: Iterable[str],
+        grid_shapes: dict[str, Sequence[int]] | None = None,
     ) -> None:
         if not modalities:
             raise MmtokError("an example needs at least one segment")
@@ -109,6 +120,7 @@ class Layout:
                 self.position_kind[segment.content.stop - 1] = tail_kind(index)
             else:
                 self.template[segment.stop - 1] = token_space.end_id(segment.modality)
+        self.positions = rotary_positions(self.segments, grid_shapes or {})
 
     @property
     def target(self) -> Segment:
@@ -160,6 +172,32 @@ class Layout:
         return self.token_space.to_local(segment.modality, content)
 
 
+def rotary_positions(segments: Sequence[Segment], grid_shapes: dict[str, Sequence[int]]) -> torch.Tensor:
+    """Return the ``(T, 2)`` int64 ``(row, column)`` rotary position of every position of ``segments``."""
+    length = segments[-1].stop if segments else 0
+    positions = torch.zeros(length, 2, dtype=torch.long)
+    running = 0
+    for segment in segments:
+        shape = grid_shapes.get(segment.modality)
+        if shape is None:
+            span = segment.stop - segment.start
+            positions[segment.start : segment.stop] = (running + torch.arange(span))[:, None]
+            running += span
+            continue
+        rows, columns = (int(size) for size in shape)
+        if rows * columns != segment.length or segment.variable_length:
+            raise MmtokError(
+                f"the {segment.modality} grid of {rows}x{columns} does not hold its {segment.length} tokens"
+            )
+        positions[segment.start] = running  # begin marker
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), dim=-1)
+        positions[segment.start + 1 : segment.stop - 1] = running + 1 + grid.reshape(-1, 2)  # (rows * columns, 2)
+        running += 1 + max(rows, columns)
+        positions[segment.stop - 1] = running  # end marker
+        running += 1
+    return positions
+
+
 def content_kind(modality_index: int) -> int:
     """Return the position kind of content positions of the modality at this index."""
     return 2 * modality_index
@@ -209,6 +247,8 @@ class Batch:
     """``(T,)`` bool, True where diffusion may mask a position."""
     condition: torch.Tensor
     """``(T,)`` bool, True at maskable positions of all segments but the last."""
+    positions: torch.Tensor
+    """``(T, 2)`` int64 ``(row, column)`` rotary position of each position."""
     layout: Layout
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -218,6 +258,7 @@ class Batch:
             position_kind=self.position_kind.to(device),
             maskable=self.maskable.to(device),
             condition=self.condition.to(device),
+            positions=self.positions.to(device),
             layout=self.layout,
         )
 
@@ -234,18 +275,20 @@ def build_batch(
     sequence_lengths: dict[str, int],
     examples: Sequence[Example],
     variable_length: Iterable[str] = ("text",),
+    grid_shapes: dict[str, Sequence[int]] | None = None,
 ) -> Batch:
     """Build a :class:`Batch` from examples that share one segment order.
 
     Each example is a list of ``(modality, local_ids)`` pairs. ``local_ids`` is a 1-D
     tensor in ``[0, size)`` of the modality's tokenizer, or ``None`` for a segment to
-    generate (all its slots become ``<mask>``). Raises :class:`MmtokError` when examples
-    differ in segment order or a segment has the wrong length.
+    generate (all its slots become ``<mask>``). ``grid_shapes`` are those of
+    :class:`Layout`. Raises :class:`MmtokError` when examples differ in segment order or a
+    segment has the wrong length.
     """
     if not examples:
         raise MmtokError("cannot build a batch from no examples")
     modalities = tuple(modality for modality, _ in examples[0])
-    layout = Layout(token_space, sequence_lengths, modalities, variable_length)
+    layout = Layout(token_space, sequence_lengths, modalities, variable_length, grid_shapes)
     ids = torch.stack([layout.encode(example) for example in examples])
     return Batch(
         ids=ids,
@@ -253,6 +296,7 @@ def build_batch(
         position_kind=layout.position_kind,
         maskable=layout.maskable,
         condition=layout.condition,
+        positions=layout.positions,
         layout=layout,
     )
 

@@ -63,7 +63,13 @@ class LayoutBatches:
         self.batches: list[Batch] = []
         for indices in group_by_layout(examples).values():
             self.batches.append(
-                build_batch(model.token_space, model.sequence_lengths, [examples[i] for i in indices], model.variable_length)
+                build_batch(
+                    model.token_space,
+                    model.sequence_lengths,
+                    [examples[i] for i in indices],
+                    model.variable_length,
+                    model.grid_shapes,
+                )
             )
         self.sizes = torch.tensor([len(batch) for batch in self.batches], dtype=torch.float64)
 

@@ -45,6 +45,8 @@ Example = list[tuple[str, torch.Tensor]]
 
 # Share of captioned items that also become unconditional examples.
 UNCONDITIONAL_SHARE = 0.25
+# Share of captioned items that also become captioning examples (the caption as target).
+CAPTIONING_SHARE = 0.5
 # Maximum number of windows taken from one long item (long audio, long text).
 MAX_WINDOWS_PER_ITEM = 4
 

@@ -347,6 +347,9 @@ class ImageTokenizer(Tokenizer):
     def sequence_defaults(self) -> tuple[int, dict]:
         return self.grid * self.grid, {}
 
+    def sequence_grid(self, sequence_length: int, **options) -> tuple[int, int] | None:
+        return (self.grid, self.grid) if sequence_length == self.grid * self.grid else None
+
     def card_variables(self) -> dict:
         return {
             "modality": "image",
