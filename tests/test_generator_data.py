@@ -56,6 +56,14 @@ def test_build_examples_pairs_captions_with_images(data_folder, tokenizers):
     assert all(ids.shape == (64,) for example in captioned for modality, ids in example if modality == "image")
 
 
+def test_build_examples_adds_captioning_examples(data_folder, tokenizers):
+    examples = examples_for(data_folder, tokenizers, None)
+    given_caption = {tuple(example[1][1].tolist()): example[0][1].tolist() for example in examples if len(example) == 2 and example[0][0] == "text"}
+    captioning = [example for example in examples if [m for m, _ in example] == ["image", "text"]]
+    assert captioning
+    assert all(given_caption[tuple(image.tolist())] == caption.tolist() for (_, image), (_, caption) in captioning)
+
+
 def test_token_cache_gives_identical_examples(data_folder, tokenizers):
     cache_dir = data_folder / "cache"
     fresh = examples_for(data_folder, tokenizers, cache_dir)

@@ -4,8 +4,10 @@ The folder contains ``<modality>/train.jsonl`` and ``<modality>/val.jsonl`` per 
 ``scripts/prepare_data.py`` writes them. Each line is a JSON object with ``file`` (a path
 relative to the modality folder) or ``text`` (the content itself, for text), and an
 optional ``caption``. A captioned item becomes a text-conditioned example, so the
-generator learns ``<text> caption </text> <image> ... </image>``; a share of captioned
-items also appears without the caption, so unconditional generation has a trained layout.
+generator learns ``<text> caption </text> <image> ... </image>``. A share of captioned
+items also appears without the caption, so unconditional generation has a trained layout,
+and a share appears as ``<image> ... </image> <text> caption </text>``, which teaches
+captioning (image to text).
 
 A modality can also come from token shards that ``mmtok encode-dataset`` wrote (see
 :mod:`mmtok.shards`); each shard item becomes unconditional examples.
@@ -168,6 +170,8 @@ def build_examples(
                     examples.append([("text", caption_ids), (modality, piece)])
                     if random_state.random() < UNCONDITIONAL_SHARE:
                         examples.append([(modality, piece)])
+                    if random_state.random() < CAPTIONING_SHARE:
+                        examples.append([(modality, piece), ("text", caption_ids)])
                 else:
                     examples.append([(modality, piece)])
     if not examples:
@@ -268,6 +272,9 @@ def train_generator_from_folder(
     sequence_lengths.update(model_args.pop("sequence_lengths", {}))
     sequence_options.update(model_args.pop("sequence_options", {}))
     variable_length = model_args.get("variable_length") or [m for m in ("text",) if m in tokenizers]
+    if "grid_shapes" not in model_args:
+        grids = {m: t.sequence_grid(sequence_lengths[m], **sequence_options.get(m, {})) for m, t in tokenizers.items()}
+        model_args["grid_shapes"] = {m: list(grid) for m, grid in grids.items() if grid is not None}
 
     token_space = TokenSpace(
         [
