@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -160,6 +160,24 @@ def generate(
     """Generate ``n`` samples of ``modality`` with a generator or pipeline, loaded once per process.
 
     ``options`` are those of :meth:`mmtok.Pipeline.generate`: ``steps``, ``sampler``,
-    ``temperature``, ``top_p``, ``seed``, ``prompt``, ``guidance`` and ``show_progress``.
+    ``unmasking``, ``temperature``, ``top_p``, ``seed``, ``prompt``, ``conditions``,
+    ``guidance`` and ``show_progress``.
     """
     return load_pipeline(model, device).generate(modality, n, **options)
+
+
+def inpaint(
+    modality: str,
+    sample: Sample,
+    region: Sequence[float],
+    n: int = 1,
+    *,
+    model: str = DEFAULT_GENERATOR,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> list[Sample]:
+    """Regenerate the part of ``sample`` under ``region`` with a generator or pipeline.
+
+    ``region`` and ``options`` are those of :meth:`mmtok.Pipeline.inpaint`.
+    """
+    return load_pipeline(model, device).inpaint(modality, sample, region, n, **options)

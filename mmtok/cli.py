@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -21,6 +22,8 @@ import click
 
 from mmtok import __version__
 from mmtok.errors import MmtokError
+from mmtok.generate.sampler import SAMPLERS
+from mmtok.generate.schedule import UNMASKING_SCHEDULES
 
 logger = logging.getLogger("mmtok")
 
@@ -345,37 +348,45 @@ def _numbered(path: Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
 
 
-@cli.command()
-@click.option("--modality", required=True, help="Modality to generate (image, audio, text, ...).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file; with -n N, numbered NAME-1.EXT ...")
-@click.option("-n", "count", type=click.IntRange(1, 1024), default=1, show_default=True, help="Number of samples.")
-@click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True, help="Sampling steps.")
-@click.option("--sampler", type=click.Choice(["confidence", "ancestral"]), default="confidence", show_default=True,
-              help="Confidence-ordered unmasking (MaskGIT) or ancestral sampling of the reverse process.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
-              help="Softmax temperature.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling: keep the smallest set of ids with this total probability.")
-@click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
-@click.option("--guidance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="Classifier-free guidance weight; 0 turns it off.")
-@click.option("--model", default="mmtok/generator", show_default=True,
-              help="Generator or pipeline: a bundled name, a folder or a Hub repo id.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@seed_option
-@device_option
-@handle_errors
-def generate(modality, output, count, steps, sampler, temperature, top_p, prompt, guidance, model, force, seed, device):
-    """Generate new samples of a modality with the masked-diffusion generator."""
-    from mmtok import api
+SAMPLING_KEYS = ("steps", "sampler", "unmasking", "temperature", "top_p")
+
+
+def sampling_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the sampler options that generate and inpaint share, passed on as one ``sampling`` dict."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sampling = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+        return function(*args, sampling=sampling, **kwargs)
+
+    options = [
+        click.option("--steps", type=click.IntRange(1, 4096), default=32, show_default=True, help="Sampling steps."),
+        click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="confidence", show_default=True,
+                     help="Confidence-ordered unmasking (MaskGIT) or ancestral sampling of the reverse process."),
+        click.option("--unmask-schedule", "unmasking", type=click.Choice(list(UNMASKING_SCHEDULES)), default="cosine",
+                     show_default=True, help="How many positions the confidence sampler unmasks per step."),
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+                     help="Softmax temperature."),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling: keep the smallest set of ids with this total probability."),
+        click.option("--model", default="mmtok/generator", show_default=True,
+                     help="Generator or pipeline: a bundled name, a folder or a Hub repo id."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _sample_targets(output: Path | None, default: Path, modality: str, count: int, force: bool) -> list[Path]:
+    """Return the files that ``count`` samples of ``modality`` go to; refuse to overwrite without ``force``."""
     from mmtok.plugins import get_plugin_manager
 
     entry = get_plugin_manager().modality(modality)
     if output is not None and str(output) == STDOUT:
-        raise click.UsageError("generate writes files; give -o a file name such as out" + entry.default_suffix)
-    output = output or Path(f"generated-{modality}{entry.default_suffix}")
+        raise click.UsageError("this command writes files; give -o a file name such as out" + entry.default_suffix)
+    output = output or default
     if output.is_dir():
-        output = output / f"generated-{modality}{entry.default_suffix}"
+        output = output / default.name
     if not entry.accepts(output):
         output = output.with_name(output.name + entry.default_suffix)
     if not output.parent.is_dir():
@@ -384,23 +395,117 @@ def generate(modality, output, count, steps, sampler, temperature, top_p, prompt
     existing = [str(target) for target in targets if target.exists()]
     if existing and not force:
         raise MmtokError(f"{existing[0]}: file exists; pass --force to overwrite it")
+    return targets
+
+
+def _save_samples(samples: list[Any], modality: str, targets: list[Path], force: bool) -> None:
+    from mmtok.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().modality(modality)
+    for sample, target in zip(samples, targets):
+        entry.save(sample, target, force=force)
+        click.echo(str(target), err=True)
+
+
+@cli.command()
+@click.option("--modality", required=True, help="Modality to generate (image, audio, text, ...).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file; with -n N, numbered NAME-1.EXT ...")
+@click.option("-n", "count", type=click.IntRange(1, 1024), default=1, show_default=True, help="Number of samples.")
+@sampling_options
+@click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
+@click.option("--image", "image_file", type=click.Path(path_type=Path), help="Image file to condition on, e.g. to caption it.")
+@click.option("--audio", "audio_file", type=click.Path(path_type=Path), help="Audio file to condition on.")
+@click.option("--condition", "condition_files", type=click.Path(path_type=Path), multiple=True,
+              help="File of any modality to condition on, chosen by its suffix; repeatable.")
+@click.option("--guidance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Classifier-free guidance weight; 0 turns it off.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@seed_option
+@device_option
+@handle_errors
+def generate(modality, output, count, sampling, model, prompt, image_file, audio_file, condition_files, guidance, force,
+             seed, device):
+    """Generate new samples of a modality with the masked-diffusion generator.
+
+    Condition on a caption with --prompt, or on a file with --image, --audio or
+    --condition: `mmtok generate --modality text --image photo.png` captions a picture.
+    """
+    from mmtok import api
+    from mmtok.plugins import get_plugin_manager
+
+    entry = get_plugin_manager().modality(modality)
+    targets = _sample_targets(output, Path(f"generated-{modality}{entry.default_suffix}"), modality, count, force)
+    files = [(path, "image") for path in [image_file] if path] + [(path, "audio") for path in [audio_file] if path]
+    files += [(path, None) for path in condition_files]
+    conditions = [api.read_sample(path, condition_modality) for path, condition_modality in files]
     samples = api.generate(
         modality,
         count,
         model=model,
-        steps=steps,
-        sampler=sampler,
-        temperature=temperature,
-        top_p=top_p,
         seed=seed,
         prompt=prompt,
+        conditions=conditions,
         guidance=guidance,
         device=api.resolve_device(device),
         show_progress=True,
+        **sampling,
     )
-    for sample, target in zip(samples, targets):
-        entry.save(sample, target, force=force)
-        click.echo(str(target), err=True)
+    _save_samples(samples, modality, targets, force)
+
+
+def _parse_region(box: str | None, span: str | None) -> tuple[float, ...]:
+    if (box is None) == (span is None):
+        raise click.UsageError("give the region to regenerate: --box x0,y0,x1,y1 for an image, or --span start,end")
+    text, option, count = (box, "--box", 4) if box is not None else (span, "--span", 2)
+    try:
+        values = tuple(float(value) for value in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(math.isfinite(value) for value in values):
+        raise click.BadParameter(f"{text!r} is not {count} comma-separated numbers", param_hint=option)
+    return values
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--box", help="Image region to regenerate: x0,y0,x1,y1 in pixels, x1 and y1 exclusive.")
+@click.option("--span", help="Audio span start,end in seconds, or text span start,end in characters (end exclusive).")
+@click.option("--modality", help="Read FILE as this modality instead of choosing by suffix.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default FILE-inpainted.EXT).")
+@click.option("-n", "count", type=click.IntRange(1, 1024), default=1, show_default=True, help="Number of results.")
+@sampling_options
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@seed_option
+@device_option
+@handle_errors
+def inpaint(file, box, span, modality, output, count, sampling, model, force, seed, device):
+    """Regenerate a region of FILE and keep the rest (infilling).
+
+    \b
+    mmtok inpaint picture.png --box 16,16,48,48 -o out.png
+    mmtok inpaint speech.wav --span 0.5,0.9
+    mmtok inpaint quote.txt --span 10,25
+    """
+    from mmtok import api
+
+    region = _parse_region(box, span)
+    modality, sample = api.read_sample(file, modality)
+    if (box is not None) != (modality == "image"):
+        raise click.UsageError(f"{file} is {modality}; use --box for images and --span for audio and text")
+    default = file.with_name(f"{file.stem}-inpainted{file.suffix}")
+    targets = _sample_targets(output, default, modality, count, force)
+    samples = api.inpaint(
+        modality,
+        sample,
+        region,
+        count,
+        model=model,
+        seed=seed,
+        device=api.resolve_device(device),
+        show_progress=True,
+        **sampling,
+    )
+    _save_samples(samples, modality, targets, force)
 
 
 # plugins and info ----------------------------------------------------------------------
@@ -752,6 +857,63 @@ def eval_tokenizer(paths: tuple[Path, ...], modality: str, tokenizer_name: str |
     _echo_rows(result.get("rows", []))
     for key, value in result.get("summary", {}).items():
         click.echo(f"{key}: {_format_value(value)}")
+
+
+@eval_group.command("generator")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--model", default="mmtok/generator", show_default=True,
+              help="Generator or pipeline: a bundled name, a folder or a Hub repo id.")
+@click.option("--split", default="val", show_default=True, help="Held-out split to score (DATA/MODALITY/SPLIT.jsonl).")
+@click.option("--modalities", help="Comma-separated modalities to read (default: all with a manifest).")
+@click.option("--max-items", type=click.IntRange(min=1), help="Read at most this many items per modality.")
+@click.option("--t-samples", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Diffusion times per example; more lower the estimate's variance.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@seed_option
+@device_option
+@handle_errors
+def eval_generator(data_dir: Path, model: str, split: str, modalities: str | None, max_items: int | None,
+                   t_samples: int, as_json: bool, seed: int | None, device: str) -> None:
+    """Print held-out bits per token of a generator per modality, with and without conditions.
+
+    DATA_DIR is a folder as scripts/prepare_data.py writes it. Each row scores one target
+    modality under one condition; conditioned rows also score the same targets alone and
+    with the condition masked, and "gain" is the bits per token the condition saves. The
+    unigram column is the baseline of training-split token frequencies.
+    """
+    from mmtok import api
+    from mmtok.generate.evaluate import evaluate_generator
+
+    if not data_dir.is_dir():
+        raise MmtokError(f"{data_dir}: data folder not found")
+    pipeline = api.load_pipeline(model, api.resolve_device(device))
+    chosen = [name.strip() for name in modalities.split(",") if name.strip()] if modalities else None
+    scores = evaluate_generator(
+        pipeline, data_dir, split=split, modalities=chosen, max_items=max_items, t_samples=t_samples, seed=seed or 0
+    )
+    if as_json:
+        click.echo(json.dumps({"model": model, "split": split, "t_samples": t_samples,
+                               "scores": [score.to_dict() for score in scores]}, indent=2))
+        return
+    rows = []
+    for score in scores:
+        rows.append({
+            "target": score.target,
+            "condition": score.condition,
+            "examples": score.examples,
+            "bits/token": score.bits_per_token,
+            "alone": "" if score.alone_bits_per_token is None else score.alone_bits_per_token,
+            "masked condition": "" if score.masked_condition_bits_per_token is None else score.masked_condition_bits_per_token,
+            "gain": "" if score.gain is None else score.gain,
+            "unigram": score.unigram_bits_per_token,
+        })
+    _echo_rows(rows)
+    for score in scores:
+        if score.gain is not None:
+            click.echo(
+                f"{score.target} given {score.condition}: {score.gain:.3f} bits/token fewer than alone "
+                f"({100 * score.gain / score.alone_bits_per_token:.1f}%)"
+            )
 
 
 # push ----------------------------------------------------------------------------------

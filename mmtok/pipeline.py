@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from huggingface_hub import ModelCard
@@ -344,43 +344,50 @@ class Pipeline:
         *,
         steps: int = 32,
         sampler: str = "confidence",
+        unmasking: str = "cosine",
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
         prompt: str | None = None,
+        conditions: Sequence[tuple[str, Sample]] = (),
         guidance: float = 0.0,
         show_progress: bool = False,
     ) -> list[Sample]:
-        """Generate ``n`` samples of ``modality``, optionally conditioned on a text prompt.
+        """Generate ``n`` samples of ``modality``, optionally conditioned on other samples.
 
-        The arguments are those of :meth:`mmtok.Generator.generate`; ``prompt`` is encoded
-        with the pipeline's text tokenizer.
+        The arguments are those of :meth:`mmtok.Generator.generate`. ``prompt`` is a text
+        condition, encoded with the pipeline's text tokenizer. ``conditions`` are
+        ``(modality, sample)`` pairs, for example ``[("image", sample)]`` to caption an
+        image; each is encoded with its modality's tokenizer and placed before the target
+        in the given order, which must be one the generator was trained on.
         """
         name = self.name_or_path
-        if modality not in self.tokenizers:
-            raise MmtokError(
-                f"generator {name!r} was not trained for {modality!r}; it generates {', '.join(self.modalities)}. "
-                f"Train one with `mmtok train generator --modalities {modality}` and pass it with --model"
-            )
-        if guidance and prompt is None:
-            raise MmtokError("--guidance needs a condition; pass --prompt or leave guidance at 0")
-        condition = None
-        if prompt is not None:
-            if "text" not in self.tokenizers or modality == "text":
-                raise MmtokError(f"generator {name!r} cannot condition {modality} on a text prompt")
-            if not self.generator.supports_condition("text", modality):
-                raise MmtokError(f"generator {name!r} was not trained to generate {modality} from text")
-            text = self.tokenizers["text"]
-            condition = [("text", text.to_sequence(text.encode(Sample(prompt)).codes))]
+        self._check_modality(modality)
+        conditions = [*((("text", Sample(prompt)),) if prompt is not None else ()), *conditions]
+        if guidance and not conditions:
+            raise MmtokError("--guidance needs a condition: pass --prompt, --image, --audio or --condition, or leave guidance at 0")
+        condition = []
+        for condition_modality, sample in conditions:
+            self._check_modality(condition_modality)
+            if condition_modality == modality:
+                raise MmtokError(f"cannot condition {modality} on {modality}; use infilling to continue a sample")
+            tokenizer = self.tokenizers[condition_modality]
+            options = self.generator.sequence_options.get(condition_modality, {})
+            condition.append((condition_modality, tokenizer.to_sequence(tokenizer.encode(sample).codes, **options)))
+        order = [segment for segment, _ in condition] + [modality]
+        if self.generator.layouts is not None and order not in self.generator.layouts:
+            trained = "; ".join(" then ".join(layout) for layout in self.generator.layouts)
+            raise MmtokError(f"generator {name!r} was not trained to generate {' then '.join(order)}; it knows: {trained}")
         sequences = self.generator.generate(
             modality,
             n,
             steps=steps,
             sampler=sampler,
+            unmasking=unmasking,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            condition=condition,
+            condition=condition or None,
             guidance=guidance,
             show_progress=show_progress,
         )
@@ -392,6 +399,99 @@ class Pipeline:
             tokens = tokenizer.make_tokens(codes, tokenizer.generation_metadata(len(ids), **options))
             samples.append(tokenizer.decode(tokens))
         return samples
+
+    def inpaint(
+        self,
+        modality: str,
+        sample: Sample,
+        region: Sequence[float],
+        n: int = 1,
+        *,
+        steps: int = 32,
+        sampler: str = "confidence",
+        unmasking: str = "cosine",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        show_progress: bool = False,
+    ) -> list[Sample]:
+        """Regenerate the part of ``sample`` under ``region`` and keep the rest.
+
+        ``region`` is ``(x0, y0, x1, y1)`` pixels for an image, ``(start, end)`` seconds
+        for audio and ``(start, end)`` characters for text (see
+        :meth:`mmtok.Tokenizer.region_mask`). The tokens under the region are masked and
+        regenerated given all other tokens of the generator's segment. A sample longer
+        than the segment (audio, long text) is infilled in the window of one segment
+        around the region. Outside the region each result keeps the original sample.
+
+        Returns:
+            ``n`` infilled samples.
+        """
+        self._check_modality(modality)
+        if self.generator.layouts is not None and [modality] not in self.generator.layouts:
+            raise MmtokError(f"generator {self.name_or_path!r} was not trained on {modality} alone, which infilling needs")
+        tokenizer = self.tokenizers[modality]
+        options: dict[str, Any] = self.generator.sequence_options.get(modality, {})
+        tokens = tokenizer.encode(sample)
+        sequence = tokenizer.to_sequence(tokens.codes, **options)
+        regenerate = tokenizer.region_mask(tokens, tuple(region), **options)
+        if regenerate.shape != sequence.shape:
+            raise MmtokError(f"{type(tokenizer).__name__}.region_mask returned {tuple(regenerate.shape)} for {len(sequence)} ids")
+        if not bool(regenerate.any()):
+            raise MmtokError(f"region {list(region)} covers no {modality} token")
+        window = self._infill_window(modality, regenerate, align=max(1, len(sequence) // tokens.codes.shape[-1]))
+        results = self.generator.infill(
+            [(modality, sequence[window])],
+            [~regenerate[window]],
+            n,
+            steps=steps,
+            sampler=sampler,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            unmasking=unmasking,
+            show_progress=show_progress,
+        )
+        infilled = []
+        for (ids,) in results:
+            full = torch.cat([sequence[: window.start], ids.cpu(), sequence[window.stop :]])
+            generated = tokenizer.decode(tokenizer.make_tokens(tokenizer.from_sequence(full, **options), tokens.metadata))
+            infilled.append(tokenizer.merge_region(sample, generated, tuple(region)))
+        return infilled
+
+    def _infill_window(self, modality: str, regenerate: torch.Tensor, align: int) -> slice:
+        """Return the ids of one generator segment that contain every id to regenerate.
+
+        The window starts on a multiple of ``align`` (a whole audio frame) and is centred
+        on the region where the sequence allows.
+        """
+        length = self.generator.sequence_lengths[modality]
+        total = regenerate.numel()
+        if total <= length:
+            if modality not in self.generator.variable_length and total != length:
+                raise MmtokError(
+                    f"the {modality} sample has {total} tokens, but the generator infills segments of exactly {length}"
+                )
+            return slice(0, total)
+        chosen = torch.nonzero(regenerate)[:, 0]
+        first, last = int(chosen[0]), int(chosen[-1]) + 1
+        if last - first > length:
+            raise MmtokError(
+                f"the region covers {last - first} {modality} tokens, more than the generator's segment of {length}; "
+                "choose a smaller region"
+            )
+        start = max(0, min(total - length, (first + last - length) // 2))
+        start -= start % align
+        if start + length < last:
+            start += align
+        return slice(start, start + length)
+
+    def _check_modality(self, modality: str) -> None:
+        if modality not in self.tokenizers:
+            raise MmtokError(
+                f"generator {self.name_or_path!r} was not trained for {modality!r}; it knows {', '.join(self.modalities)}. "
+                f"Train one with `mmtok train generator --modalities {modality}` and pass it with --model"
+            )
 
 
 def _as_tokenizer(value: str | Tokenizer | HubModel, modality: str, hub_options: dict[str, Any]) -> Tokenizer:

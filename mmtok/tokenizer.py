@@ -95,6 +95,28 @@ class Tokenizer(HubModel):
         """
         return None
 
+    # Infilling ----------------------------------------------------------------------
+
+    def region_mask(self, tokens: Tokens, region: tuple[float, ...], **options: Any) -> torch.Tensor:
+        """Return which ids of ``to_sequence(tokens.codes, **options)`` lie under ``region``.
+
+        ``region`` is in the modality's own units, for the sample that ``tokens`` encode:
+        ``(x0, y0, x1, y1)`` pixels of an image, ``(start, end)`` seconds of audio,
+        ``(start, end)`` characters of text. Infilling regenerates the ids where the
+        returned 1-D bool tensor is True. Raises :class:`MmtokError` for a region outside
+        the sample, and by default, for tokenizers that do not support infilling.
+        """
+        raise MmtokError(f"{type(self).__name__} ({self.modality}) does not support infilling")
+
+    def merge_region(self, original: Sample, generated: Sample, region: tuple[float, ...]) -> Sample:
+        """Return ``generated`` inside ``region`` and ``original`` outside it.
+
+        ``generated`` is the decoded infilled sample; lossy tokenizers change every part
+        of a sample a little, so infilling keeps the original outside the region. The
+        default returns ``generated`` unchanged.
+        """
+        return generated
+
     # Files --------------------------------------------------------------------------
 
     def encode_file(self, path: Path) -> Tokens:

@@ -16,7 +16,7 @@ from torch import nn
 
 from mmtok import MmtokError, Tokenizer, TokenSpace, load_model
 from mmtok.generate import Generator, build_batch
-from mmtok.generate.schedule import CosineSchedule, LogLinearSchedule, cosine_masked_counts
+from mmtok.generate.schedule import CosineSchedule, LogLinearSchedule, masked_counts
 from mmtok.generate.sampler import sample
 from mmtok.generate.sequence import Batch
 from mmtok.train.generator import evaluate_bits_per_token, train_generator
@@ -432,15 +432,28 @@ def test_schedule_weight_matches_derivative(schedule):
     assert torch.allclose(schedule.weight(t.detach()), expected)
 
 
-def test_cosine_counts_reach_zero():
-    counts = cosine_masked_counts(torch.tensor([32, 5, 0]), steps=8)
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "square", "sqrt"])
+def test_unmasking_counts_reach_zero(schedule):
+    counts = masked_counts(torch.tensor([32, 5, 0]), steps=8, schedule=schedule)
     assert counts[-1].tolist() == [0, 0, 0]
 
 
-def test_cosine_counts_unmask_every_step():
-    counts = cosine_masked_counts(torch.tensor([32]), steps=8)[:, 0]
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "square", "sqrt"])
+def test_unmasking_counts_unmask_every_step(schedule):
+    counts = masked_counts(torch.tensor([32]), steps=8, schedule=schedule)[:, 0]
     previous = torch.cat([torch.tensor([32]), counts[:-1]])
     assert bool((previous - counts >= 1).all())
+
+
+def test_unmasking_schedules_differ_in_pace():
+    # After half the steps: cosine keeps floor(64 cos(pi/4)) = 45, linear 32, square 48, sqrt 18.
+    halfway = {name: int(masked_counts(torch.tensor([64]), steps=8, schedule=name)[3, 0]) for name in ("cosine", "linear", "square", "sqrt")}
+    assert halfway == {"cosine": 45, "linear": 32, "square": 48, "sqrt": 18}
+
+
+def test_unknown_unmasking_schedule_lists_choices():
+    with pytest.raises(ValueError, match="cosine, linear, square, sqrt"):
+        masked_counts(torch.tensor([8]), steps=4, schedule="exp")
 
 
 def test_unknown_schedule_lists_choices():

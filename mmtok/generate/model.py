@@ -13,6 +13,7 @@ Shape letters: ``B`` batch, ``T`` sequence positions, ``D`` model width, ``H`` h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import nn
 
 from mmtok.errors import MmtokError
 from mmtok.generate.schedule import get_schedule
-from mmtok.generate.sequence import Batch, Example, Layout, allowed_ids, build_batch
+from mmtok.generate.sequence import Batch, Example, Layout, allowed_ids, build_batch, inner_kind
 from mmtok.hub import HubModel
 from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import TokenSpace
@@ -454,6 +455,7 @@ class Generator(HubModel):
         seed: int | None = None,
         condition: list[tuple[str, torch.Tensor]] | None = None,
         guidance: float = 0.0,
+        unmasking: str = "cosine",
         show_progress: bool = False,
     ) -> list[torch.Tensor]:
         """Generate ``n`` sequences of ``modality`` in one batch.
@@ -471,6 +473,8 @@ class Generator(HubModel):
                 samples, in the order used in training.
             guidance: classifier-free guidance weight ``w``. The logits become
                 ``(1 + w) * conditional - w * unconditional``, and 0 turns guidance off.
+            unmasking: schedule of the confidence sampler: ``"cosine"``, ``"linear"``,
+                ``"square"`` or ``"sqrt"`` (see :data:`mmtok.generate.schedule.UNMASKING_SCHEDULES`).
             show_progress: show a progress bar on stderr.
 
         Returns:
@@ -497,6 +501,7 @@ class Generator(HubModel):
             top_p=top_p,
             generator=self._seeded_generator(seed),
             guidance=guidance,
+            unmasking=unmasking,
             show_progress=show_progress,
         )
         return [batch.layout.decode(row) for row in ids]
@@ -512,35 +517,46 @@ class Generator(HubModel):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        unmasking: str = "cosine",
         show_progress: bool = False,
     ) -> list[list[torch.Tensor]]:
         """Regenerate the tokens of ``segments`` where ``keep_masks`` is False.
 
-        ``keep_masks[i]`` is a 1-D bool tensor as long as ``segments[i]``'s ids. The end
-        marker and padding of a variable-length segment are kept only when its whole
-        content is kept, so otherwise the generated text may change length.
+        ``keep_masks[i]`` is a 1-D bool tensor as long as ``segments[i]``'s ids. In a
+        variable-length segment (text) whose last token is kept, the end marker and the
+        padding are kept too, and the regenerated positions may not end the text, so it
+        keeps its length. When the last token is regenerated, the generated text may end
+        anywhere after the last kept token.
 
         Returns:
             ``n`` lists with the local ids of every segment.
         """
         from mmtok.generate.sampler import sample
 
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
         if len(keep_masks) != len(segments):
             raise ValueError(f"got {len(keep_masks)} keep masks for {len(segments)} segments")
         batch = self.make_batch([segments] * n)
         keep = ~batch.maskable.clone()
+        position_kind = batch.position_kind.clone()
         for segment, (modality, local_ids), keep_mask in zip(batch.layout.segments, segments, keep_masks):
             keep_mask = torch.as_tensor(keep_mask, dtype=torch.bool).reshape(-1)
-            if keep_mask.numel() != torch.as_tensor(local_ids).numel():
-                raise ValueError(
-                    f"the keep mask of the {modality} segment has {keep_mask.numel()} entries "
-                    f"for {torch.as_tensor(local_ids).numel()} tokens"
-                )
+            count = torch.as_tensor(local_ids).numel()
+            if keep_mask.numel() != count:
+                raise ValueError(f"the keep mask of the {modality} segment has {keep_mask.numel()} entries for {count} tokens")
             slots = torch.zeros(segment.slots, dtype=torch.bool)
-            slots[: keep_mask.numel()] = keep_mask
-            if segment.variable_length and bool(keep_mask.all()):
-                slots[:] = True
+            slots[:count] = keep_mask
+            if segment.variable_length and count and bool(keep_mask[-1]):
+                slots[count:] = True  # end marker and padding
+            if segment.variable_length and bool(keep_mask.any()):
+                last_kept = int(torch.nonzero(keep_mask)[-1])
+                inner = torch.zeros(segment.slots, dtype=torch.bool)
+                inner[:last_kept] = ~keep_mask[:last_kept]
+                modality_index = self.token_space.modalities.index(modality)
+                position_kind[segment.content][inner.to(position_kind.device)] = inner_kind(modality_index)
             keep[segment.content] = slots.to(keep.device)
+        batch = dataclasses.replace(batch, position_kind=position_kind)
         ids = sample(
             self,
             batch,
@@ -551,6 +567,7 @@ class Generator(HubModel):
             top_p=top_p,
             generator=self._seeded_generator(seed),
             guidance=0.0,
+            unmasking=unmasking,
             show_progress=show_progress,
         )
         return [[batch.layout.decode(row, index) for index in range(len(segments))] for row in ids]
@@ -560,14 +577,21 @@ class Generator(HubModel):
         return self.layouts is None or [condition, target] in self.layouts
 
     def _fit_condition(self, condition: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        """Cut variable-length condition segments (a long text prompt) to the segment length."""
+        """Cut condition segments that are too long (a long prompt or recording) to the segment length.
+
+        Raises :class:`MmtokError` when a fixed-length condition is shorter than its segment.
+        """
         fitted = []
         for modality, local_ids in condition:
             local_ids = torch.as_tensor(local_ids).reshape(-1)
             length = self.sequence_lengths.get(modality)
-            if modality in self.variable_length and length is not None and local_ids.numel() > length:
+            if length is not None and local_ids.numel() > length:
                 logger.warning("the %s condition has %d tokens; keeping the first %d", modality, local_ids.numel(), length)
                 local_ids = local_ids[:length]
+            if length is not None and modality not in self.variable_length and local_ids.numel() < length:
+                raise MmtokError(
+                    f"the {modality} condition has {local_ids.numel()} tokens, but the generator needs {length}"
+                )
             fitted.append((modality, local_ids))
         return fitted
 

@@ -8,8 +8,8 @@ Two samplers start from a sequence whose free positions hold ``<mask>`` and fill
   ``(alpha(s) - alpha(t)) / (1 - alpha(t))`` and drawn from the model's categorical.
   A step that unmasks nothing leaves the input unchanged, so the next step reuses the
   cached model output instead of calling the model again.
-- ``confidence``: MaskGIT-style ordering (Chang et al., 2022) on a cosine schedule of how
-  many positions stay masked. Positions are ranked by the highest probability of their
+- ``confidence``: MaskGIT-style ordering (Chang et al., 2022) on a schedule of how many
+  positions stay masked (cosine by default, see ``UNMASKING_SCHEDULES``). Positions are ranked by the highest probability of their
   predicted distribution. MaskGIT ranks by the probability of the drawn id instead, which
   prefers likely draws and so skews samples toward frequent tokens. Ranking before the
   draw keeps each drawn id distributed as the model's conditional.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from mmtok.generate.schedule import cosine_masked_counts
+from mmtok.generate.schedule import UNMASKING_SCHEDULES, masked_counts
 from mmtok.generate.sequence import Batch
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     guidance: float = 0.0,
+    unmasking: str = "cosine",
     show_progress: bool = False,
 ) -> torch.Tensor:
     """Fill every position of ``batch.ids`` where ``keep`` is False.
@@ -61,6 +62,7 @@ def sample(
         generator: random source on the model's device; the global one when None.
         guidance: classifier-free guidance weight; the unconditional pass replaces the
             condition segments with ``<mask>``.
+        unmasking: schedule of the confidence sampler, a name in ``UNMASKING_SCHEDULES``.
         show_progress: show a progress bar on stderr.
 
     Returns:
@@ -76,6 +78,8 @@ def sample(
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if guidance < 0:
         raise ValueError(f"guidance must be at least 0, got {guidance}")
+    if unmasking not in UNMASKING_SCHEDULES:
+        raise ValueError(f"unknown unmasking schedule {unmasking!r}; choose one of {', '.join(UNMASKING_SCHEDULES)}")
 
     denoiser = _Denoiser(model, batch, guidance, temperature, top_p)
     ids = batch.ids.masked_fill(~keep, model.token_space.mask_id)
@@ -84,7 +88,7 @@ def sample(
         if method == "ancestral":
             ids = _ancestral(model, denoiser, ids, steps, temperature, generator, progress)
         else:
-            ids = _confidence(model, denoiser, ids, steps, temperature, generator, progress)
+            ids = _confidence(model, denoiser, ids, steps, unmasking, temperature, generator, progress)
     finally:
         progress.close()
     return ids
@@ -178,12 +182,13 @@ def _confidence(
     denoiser: _Denoiser,
     ids: torch.Tensor,
     steps: int,
+    unmasking: str,
     temperature: float,
     generator: torch.Generator | None,
     progress: tqdm,
 ) -> torch.Tensor:
     mask_id = model.token_space.mask_id
-    remaining = cosine_masked_counts((ids == mask_id).sum(1), steps)  # (steps, B)
+    remaining = masked_counts((ids == mask_id).sum(1), steps, unmasking)  # (steps, B)
     for step in range(steps):
         masked = ids == mask_id
         count = masked.sum(1) - remaining[step]  # (B,) positions to unmask now

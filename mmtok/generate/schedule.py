@@ -8,12 +8,14 @@ negative ELBO is an integral over ``t`` of the cross-entropy on masked positions
 by ``-alpha'(t) / (1 - alpha(t))``.
 
 The confidence-ordered sampler does not follow ``alpha``. It unmasks on the cosine
-schedule of MaskGIT (Chang et al., 2022), implemented by :func:`cosine_masked_counts`.
+schedule of MaskGIT (Chang et al., 2022) or another of :data:`UNMASKING_SCHEDULES`, as
+:func:`masked_counts` computes it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -94,24 +96,39 @@ def get_schedule(name: str) -> Schedule:
     return SCHEDULES[name]()
 
 
-def cosine_masked_counts(masked: torch.Tensor, steps: int) -> torch.Tensor:
+# Share of positions still masked after a fraction ``r`` of the steps of a confidence
+# sampler. MaskGIT (Chang et al., 2022, section 3.2) compares these functions and finds
+# the concave ones (cosine, square) best: they unmask few positions while little is known.
+UNMASKING_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda r: math.cos(0.5 * math.pi * r),
+    "linear": lambda r: 1 - r,
+    "square": lambda r: 1 - r**2,
+    "sqrt": lambda r: 1 - math.sqrt(r),
+}
+
+
+def masked_counts(masked: torch.Tensor, steps: int, schedule: str = "cosine") -> torch.Tensor:
     """Return how many positions stay masked after each step of a confidence sampler.
 
-    MaskGIT keeps ``floor(n cos(pi/2 * k / steps))`` of ``n`` positions masked after step
-    ``k``. Each step here also unmasks at least one position while any remain, so no model
-    call is spent without progress.
+    Step ``k`` of ``steps`` keeps ``floor(n gamma(k / steps))`` of ``n`` positions masked,
+    where ``gamma`` is the unmasking schedule. Each step also unmasks at least one
+    position while any remain, so no model call is spent without progress.
 
     Args:
         masked: ``(B,)`` number of masked positions per row at the start.
         steps: number of sampling steps.
+        schedule: a name in :data:`UNMASKING_SCHEDULES`.
 
     Returns:
         ``(steps, B)`` int64 counts, non-increasing along the steps and 0 at the last step.
     """
+    if schedule not in UNMASKING_SCHEDULES:
+        raise ValueError(f"unknown unmasking schedule {schedule!r}; choose one of {', '.join(UNMASKING_SCHEDULES)}")
+    gamma = UNMASKING_SCHEDULES[schedule]
     counts = []
     remaining = masked.clone()
     for step in range(1, steps + 1):
-        target = torch.floor(masked * math.cos(0.5 * math.pi * step / steps)).long()
+        target = torch.floor(masked * gamma(step / steps)).long()
         if step == steps:
             target = torch.zeros_like(target)
         remaining = torch.minimum(target, (remaining - 1).clamp(min=0))

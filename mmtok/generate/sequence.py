@@ -198,28 +198,43 @@ def rotary_positions(segments: Sequence[Segment], grid_shapes: dict[str, Sequenc
     return positions
 
 
+# Rows of the allowed-id table per modality: content positions, the last slot of a
+# variable-length segment, and inner positions of an infilled variable-length segment.
+KINDS_PER_MODALITY = 3
+
+
 def content_kind(modality_index: int) -> int:
     """Return the position kind of content positions of the modality at this index."""
-    return 2 * modality_index
+    return KINDS_PER_MODALITY * modality_index
 
 
 def tail_kind(modality_index: int) -> int:
     """Return the position kind of the last slot of a variable-length segment."""
-    return 2 * modality_index + 1
+    return KINDS_PER_MODALITY * modality_index + 1
+
+
+def inner_kind(modality_index: int) -> int:
+    """Return the position kind of a variable-length position followed by kept content.
+
+    Infilling the middle of a text must not end it there, so such positions allow only
+    the modality's ids, not ``</m>`` or pad.
+    """
+    return KINDS_PER_MODALITY * modality_index + 2
 
 
 def allowed_ids(token_space: TokenSpace, variable_length: Iterable[str]) -> torch.Tensor:
-    """Return a ``(2 M, V)`` bool table of the ids a position of each kind may output.
+    """Return a ``(3 M, V)`` bool table of the ids a position of each kind may output.
 
     Row :func:`content_kind` of modality ``m`` allows ``m``'s id range, plus ``</m>`` and
-    pad when ``m`` is variable-length. Row :func:`tail_kind` allows only ``</m>`` and pad.
-    No row allows ``<mask>``.
+    pad when ``m`` is variable-length. Row :func:`tail_kind` allows only ``</m>`` and pad,
+    and row :func:`inner_kind` only the id range. No row allows ``<mask>``.
     """
     variable = set(variable_length)
-    table = torch.zeros(2 * len(token_space.modalities), token_space.vocab_size, dtype=torch.bool)
+    table = torch.zeros(KINDS_PER_MODALITY * len(token_space.modalities), token_space.vocab_size, dtype=torch.bool)
     for index, modality in enumerate(token_space.modalities):
         token_range = token_space.range(modality)
         table[content_kind(index), token_range.offset : token_range.stop] = True
+        table[inner_kind(index), token_range.offset : token_range.stop] = True
         if modality in variable:
             for kind in (content_kind(index), tail_kind(index)):
                 table[kind, token_space.end_id(modality)] = True

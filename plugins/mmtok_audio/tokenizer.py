@@ -332,6 +332,41 @@ class AudioTokenizer(Tokenizer):
             "levels": levels,
         }
 
+    # Infilling ----------------------------------------------------------------------
+
+    def region_mask(self, tokens: Tokens, region: tuple[float, ...], levels: int | None = None, **options: Any) -> torch.Tensor:
+        """Return the ids of the frames that overlap the time span ``region = (start, end)`` in seconds."""
+        sample_rate, samples, _ = _decode_metadata(tokens.metadata)
+        duration = samples / sample_rate
+        if len(region) != 2:
+            raise MmtokError(f"an audio region is a span start,end in seconds, got {len(region)} numbers")
+        start, end = (float(value) for value in region)
+        if not 0 <= start < end <= duration + 1e-9:
+            raise MmtokError(f"span {start:g},{end:g} s does not lie inside the {duration:.3f} s of audio (0 <= start < end)")
+        kept_levels = min(levels or tokens.codes.shape[0], tokens.codes.shape[0])
+        frames = tokens.codes.shape[1]
+        first = min(math.floor(start * self.frame_rate), frames - 1)
+        last = min(math.ceil(end * self.frame_rate), frames)
+        mask = torch.zeros(frames, kept_levels, dtype=torch.bool)
+        mask[first:last] = True
+        return mask.reshape(-1)  # frame by frame, as to_sequence orders ids: (F * L,)
+
+    def merge_region(self, original: Sample, generated: Sample, region: tuple[float, ...]) -> Sample:
+        """Splice the generated samples of the span into ``original``, with 10 ms linear crossfades at its edges."""
+        sample_rate = int(original.metadata["sample_rate"])
+        data = original.data.float().clone()
+        start = max(0, math.floor(float(region[0]) * sample_rate))
+        end = min(data.shape[1], math.ceil(float(region[1]) * sample_rate))
+        fade = min(round(0.01 * sample_rate), (end - start) // 2)
+        weight = torch.ones(end - start)
+        if fade:
+            ramp = torch.linspace(0.0, 1.0, fade + 2)[1:-1]
+            weight[:fade] = ramp
+            weight[end - start - fade :] = ramp.flip(0)
+        span = slice(start, end)
+        data[:, span] = weight * generated.data[:, span].float() + (1 - weight) * data[:, span]
+        return Sample(data, dict(original.metadata))
+
     def sequence_defaults(self) -> tuple[int, dict[str, Any]]:
         # The generator models the two coarsest levels of 64 frames (1.28 s at 50 Hz):
         # finer levels add little audible detail but double the sequence length.

@@ -7,6 +7,8 @@ codebook is one of mmtok's shared quantizers: the EMA vector quantizer by defaul
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple
 
 import torch
@@ -349,6 +351,48 @@ class ImageTokenizer(Tokenizer):
 
     def sequence_grid(self, sequence_length: int, **options) -> tuple[int, int] | None:
         return (self.grid, self.grid) if sequence_length == self.grid * self.grid else None
+
+    # Infilling ----------------------------------------------------------------------
+
+    def region_mask(self, tokens: Tokens, region: tuple[float, ...], **options) -> torch.Tensor:
+        """Return the raster-order codes whose ``f x f`` cells overlap the pixel box ``region``.
+
+        ``region`` is ``(x0, y0, x1, y1)`` in pixels of the original image, ``x1`` and
+        ``y1`` exclusive. It is mapped through the resize the tokens record.
+        """
+        geometry = self._decode_geometry(tokens.metadata)
+        if len(region) != 4:
+            raise MmtokError(f"an image region is a box x0,y0,x1,y1, got {len(region)} numbers")
+        x0, y0, x1, y1 = (float(value) for value in region)
+        if not (0 <= x0 < x1 <= geometry.width and 0 <= y0 < y1 <= geometry.height):
+            raise MmtokError(
+                f"box {x0:g},{y0:g},{x1:g},{y1:g} does not lie inside the {geometry.width}x{geometry.height} image "
+                "(0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)"
+            )
+        left, top, box_width, box_height = geometry.box
+        if geometry.crop is not None:
+            # Crop: the encoded square covers only part of the original image.
+            crop_left, crop_top, crop_width, crop_height = geometry.crop
+            x0, x1 = (min(max(x - crop_left, 0), crop_width) for x in (x0, x1))
+            y0, y1 = (min(max(y - crop_top, 0), crop_height) for y in (y0, y1))
+            if x0 >= x1 or y0 >= y1:
+                raise MmtokError(f"box {list(region)} lies outside the encoded centre square {list(geometry.crop)}")
+            scale_x, scale_y = box_width / crop_width, box_height / crop_height
+        else:
+            scale_x, scale_y = box_width / geometry.width, box_height / geometry.height
+        columns = range(math.floor((left + x0 * scale_x) / self.factor), math.ceil((left + x1 * scale_x) / self.factor))
+        rows = range(math.floor((top + y0 * scale_y) / self.factor), math.ceil((top + y1 * scale_y) / self.factor))
+        mask = torch.zeros(geometry.grid, dtype=torch.bool)
+        mask[rows.start : rows.stop, columns.start : columns.stop] = True
+        return mask.reshape(-1)  # raster order, (h * w,)
+
+    def merge_region(self, original: Sample, generated: Sample, region: tuple[float, ...]) -> Sample:
+        """Paste the pixels of ``generated`` inside the box into a copy of ``original``."""
+        x0, y0 = (math.floor(float(value)) for value in region[:2])
+        x1, y1 = (math.ceil(float(value)) for value in region[2:])
+        image = original.data.float().clone()
+        image[:, y0:y1, x0:x1] = generated.data[:, y0:y1, x0:x1].to(image.dtype)
+        return Sample(image, dict(generated.metadata))
 
     def card_variables(self) -> dict:
         return {

@@ -125,6 +125,42 @@ class TextTokenizer(Tokenizer):
     def from_sequence(self, ids: torch.Tensor, **options) -> torch.Tensor:
         return ids.reshape(-1)
 
+    def token_byte_spans(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Return the ``[start, stop)`` byte offsets of each id in the UTF-8 text of ``ids``."""
+        processor = self.processor
+        spans, offset = [], 0
+        for token in ids.tolist():
+            if processor.is_byte(token):
+                size = 1
+            elif processor.is_control(token) or processor.is_unknown(token):
+                size = 0
+            else:
+                # SentencePiece writes a space as U+2581 inside pieces.
+                size = len(processor.id_to_piece(token).replace("\u2581", " ").encode("utf-8"))
+            spans.append((offset, offset + size))
+            offset += size
+        return spans
+
+    def region_mask(self, tokens: Tokens, region: tuple[float, ...], **options) -> torch.Tensor:
+        """Return the ids that overlap the character span ``region = (start, end)``, ``end`` exclusive."""
+        text = self.decode(tokens).data
+        if len(region) != 2:
+            raise MmtokError(f"a text region is a span start,end in characters, got {len(region)} numbers")
+        start, end = region
+        if int(start) != start or int(end) != end or not 0 <= start < end <= len(text):
+            raise MmtokError(f"span {start:g},{end:g} does not lie inside the {len(text)} characters of the text")
+        first_byte = len(text[: int(start)].encode("utf-8"))
+        last_byte = len(text[: int(end)].encode("utf-8"))
+        spans = self.token_byte_spans(tokens.codes.reshape(-1))
+        if spans and spans[-1][1] != len(text.encode("utf-8")):
+            raise MmtokError("the token pieces do not add up to the decoded text; this tokenizer cannot infill it")
+        return torch.tensor([begin < last_byte and stop > first_byte for begin, stop in spans], dtype=torch.bool)
+
+    def merge_region(self, original: Sample, generated: Sample, region: tuple[float, ...]) -> Sample:
+        # Tokens outside the span decode to the original characters exactly, so the
+        # generated text is the result.
+        return generated
+
     def sequence_defaults(self) -> tuple[int, dict]:
         # Enough for a caption or the start of a fortune at about 2.5 characters per token.
         return 32, {}
