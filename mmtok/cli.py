@@ -22,7 +22,7 @@ import click
 
 from mmtok import __version__
 from mmtok.errors import MmtokError
-from mmtok.generate.sampler import SAMPLERS
+from mmtok.generate.sampler import DEFAULT_CONFIDENCE_NOISE, SAMPLERS
 from mmtok.generate.schedule import UNMASKING_SCHEDULES
 
 logger = logging.getLogger("mmtok")
@@ -348,7 +348,7 @@ def _numbered(path: Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
 
 
-SAMPLING_KEYS = ("steps", "sampler", "unmasking", "temperature", "top_p")
+SAMPLING_KEYS = ("steps", "sampler", "unmasking", "confidence_noise", "temperature", "top_p")
 
 
 def sampling_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -365,6 +365,9 @@ def sampling_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Confidence-ordered unmasking (MaskGIT) or ancestral sampling of the reverse process."),
         click.option("--unmask-schedule", "unmasking", type=click.Choice(list(UNMASKING_SCHEDULES)), default="cosine",
                      show_default=True, help="How many positions the confidence sampler unmasks per step."),
+        click.option("--confidence-noise", type=click.FloatRange(min=0.0), default=DEFAULT_CONFIDENCE_NOISE,
+                     show_default=True,
+                     help="Randomness of the confidence sampler's order (annealed Gumbel noise); 0 is greedy."),
         click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
                      help="Softmax temperature."),
         click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,

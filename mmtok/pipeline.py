@@ -32,6 +32,7 @@ from huggingface_hub import ModelCard
 
 from mmtok.errors import MmtokError
 from mmtok.generate import Generator
+from mmtok.generate.sampler import DEFAULT_CONFIDENCE_NOISE
 from mmtok.hub import CARD_NAME, HUB_OPTIONS, HubModel, fetch_file, load_model, read_json, render_card
 from mmtok.modality import Sample, set_default_permissions
 from mmtok.tokenizer import Tokenizer
@@ -345,6 +346,7 @@ class Pipeline:
         steps: int = 32,
         sampler: str = "confidence",
         unmasking: str = "cosine",
+        confidence_noise: float = DEFAULT_CONFIDENCE_NOISE,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -384,6 +386,7 @@ class Pipeline:
             steps=steps,
             sampler=sampler,
             unmasking=unmasking,
+            confidence_noise=confidence_noise,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
@@ -410,6 +413,7 @@ class Pipeline:
         steps: int = 32,
         sampler: str = "confidence",
         unmasking: str = "cosine",
+        confidence_noise: float = DEFAULT_CONFIDENCE_NOISE,
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -450,6 +454,7 @@ class Pipeline:
             top_p=top_p,
             seed=seed,
             unmasking=unmasking,
+            confidence_noise=confidence_noise,
             show_progress=show_progress,
         )
         infilled = []

@@ -451,6 +451,19 @@ def test_unmasking_schedules_differ_in_pace():
     assert halfway == {"cosine": 45, "linear": 32, "square": 48, "sqrt": 18}
 
 
+def test_confidence_noise_changes_order_not_validity():
+    model = small_generator()
+    greedy = model.generate("grid", 4, steps=4, seed=0, confidence_noise=0.0)
+    noisy = model.generate("grid", 4, steps=4, seed=0, confidence_noise=4.5)
+    assert not all(torch.equal(a, b) for a, b in zip(greedy, noisy))
+    assert all(((ids >= 0) & (ids < GRID_SIZE)).all() for ids in noisy)
+
+
+def test_negative_confidence_noise_rejected():
+    with pytest.raises(ValueError, match="confidence_noise must be at least 0"):
+        small_generator().generate("grid", 1, steps=2, confidence_noise=-1.0)
+
+
 def test_unknown_unmasking_schedule_lists_choices():
     with pytest.raises(ValueError, match="cosine, linear, square, sqrt"):
         masked_counts(torch.tensor([8]), steps=4, schedule="exp")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtok.errors import MmtokError
+from mmtok.generate.sampler import DEFAULT_CONFIDENCE_NOISE
 from mmtok.generate.schedule import get_schedule
 from mmtok.generate.sequence import Batch, Example, Layout, allowed_ids, build_batch, inner_kind
 from mmtok.hub import HubModel
@@ -456,6 +457,7 @@ class Generator(HubModel):
         condition: list[tuple[str, torch.Tensor]] | None = None,
         guidance: float = 0.0,
         unmasking: str = "cosine",
+        confidence_noise: float = DEFAULT_CONFIDENCE_NOISE,
         show_progress: bool = False,
     ) -> list[torch.Tensor]:
         """Generate ``n`` sequences of ``modality`` in one batch.
@@ -475,6 +477,8 @@ class Generator(HubModel):
                 ``(1 + w) * conditional - w * unconditional``, and 0 turns guidance off.
             unmasking: schedule of the confidence sampler: ``"cosine"``, ``"linear"``,
                 ``"square"`` or ``"sqrt"`` (see :data:`mmtok.generate.schedule.UNMASKING_SCHEDULES`).
+            confidence_noise: scale of the annealed Gumbel noise on the confidence
+                sampler's ranking (MaskGIT's choice temperature); 0 ranks greedily.
             show_progress: show a progress bar on stderr.
 
         Returns:
@@ -502,6 +506,7 @@ class Generator(HubModel):
             generator=self._seeded_generator(seed),
             guidance=guidance,
             unmasking=unmasking,
+            confidence_noise=confidence_noise,
             show_progress=show_progress,
         )
         return [batch.layout.decode(row) for row in ids]
@@ -518,6 +523,7 @@ class Generator(HubModel):
         top_p: float = 1.0,
         seed: int | None = None,
         unmasking: str = "cosine",
+        confidence_noise: float = DEFAULT_CONFIDENCE_NOISE,
         show_progress: bool = False,
     ) -> list[list[torch.Tensor]]:
         """Regenerate the tokens of ``segments`` where ``keep_masks`` is False.
@@ -568,6 +574,7 @@ class Generator(HubModel):
             generator=self._seeded_generator(seed),
             guidance=0.0,
             unmasking=unmasking,
+            confidence_noise=confidence_noise,
             show_progress=show_progress,
         )
         return [[batch.layout.decode(row, index) for index in range(len(segments))] for row in ids]
