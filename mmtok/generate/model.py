@@ -645,9 +645,12 @@ class Generator(HubModel):
 
     def card_variables(self) -> dict[str, Any]:
         dim = self.token_embedding.embedding_dim
+        grids = ", ".join(f"{modality} {rows}x{columns}" for modality, (rows, columns) in self.grid_shapes.items())
+        positions = f"rotary positions (2-D for the {grids} grid)" if grids else "rotary positions"
+        time = ", conditioned on the diffusion time" if self.time_embedding is not None else ""
         architecture = (
             f"Masked-diffusion transformer: {len(self.blocks)} bidirectional pre-norm blocks of width {dim} "
-            f"with {self.heads} heads and rotary positions, {self.schedule.name} noise schedule"
+            f"with {self.heads} heads and {positions}, {self.schedule.name} noise schedule{time}"
         )
         segments = ", ".join(
             f"{modality} {'up to ' if modality in self.variable_length else ''}{length}"
