@@ -381,7 +381,7 @@ def sampling_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _sample_targets(output: Path | None, default: Path, modality: str, count: int, force: bool) -> list[Path]:
-    """Return the files that ``count`` samples of ``modality`` go to; refuse to overwrite without ``force``."""
+    """Return the files that ``count`` samples of ``modality`` go to; raise MmtokError for existing files unless ``force``."""
     from mmtok.plugins import get_plugin_manager
 
     entry = get_plugin_manager().modality(modality)

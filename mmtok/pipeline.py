@@ -379,7 +379,7 @@ class Pipeline:
         order = [segment for segment, _ in condition] + [modality]
         if self.generator.layouts is not None and order not in self.generator.layouts:
             trained = "; ".join(" then ".join(layout) for layout in self.generator.layouts)
-            raise MmtokError(f"generator {name!r} was not trained to generate {' then '.join(order)}; it knows: {trained}")
+            raise MmtokError(f"generator {name!r} was not trained to generate {' then '.join(order)}; its segment orders are: {trained}")
         sequences = self.generator.generate(
             modality,
             n,
@@ -494,7 +494,7 @@ class Pipeline:
     def _check_modality(self, modality: str) -> None:
         if modality not in self.tokenizers:
             raise MmtokError(
-                f"generator {self.name_or_path!r} was not trained for {modality!r}; it knows {', '.join(self.modalities)}. "
+                f"generator {self.name_or_path!r} was not trained for {modality!r}; its modalities are {', '.join(self.modalities)}. "
                 f"Train one with `mmtok train generator --modalities {modality}` and pass it with --model"
             )
 

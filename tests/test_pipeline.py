@@ -244,7 +244,7 @@ def test_generate_command_from_hub_cache(pipeline_folder, hub_cache, tmp_path):
 def test_generate_command_untrained_modality(pipeline_folder, tmp_path):
     result = run("generate", "--model", str(pipeline_folder), "--modality", "audio", "-o", str(tmp_path / "a.wav"))
     assert result.exit_code == 1
-    assert "was not trained for 'audio'; it knows image, text" in result.output
+    assert "was not trained for 'audio'; its modalities are image, text" in result.output
 
 
 def test_export_command_writes_pipeline(generator_folder, tmp_path):

@@ -80,13 +80,15 @@ def tokenize_rows(
     options: dict[str, Any],
     rows: list[dict[str, Any]],
     cache_dir: Path | None = None,
-) -> list[torch.Tensor | None]:
+    cached_only: bool = False,
+) -> list[torch.Tensor | None] | None:
     """Return the flattened sequence of each manifest row, ``None`` for an unreadable file.
 
     With ``cache_dir``, the sequences are stored in one safetensors file per modality,
     split, tokenizer weights hash and sequence options, and read back on later runs, so
     retraining a generator does not tokenize unchanged data again. The key also covers
-    the rows themselves, so an edited manifest is tokenized afresh.
+    the rows themselves, so an edited manifest is tokenized afresh. With ``cached_only``,
+    return None instead of tokenizing when the cache has no entry.
     """
     key = json.dumps([modality, split, tokenizer.weights_hash(), options, rows], sort_keys=True, default=str)
     cache_path = None
@@ -99,6 +101,8 @@ def tokenize_rows(
             pieces = torch.split(stored["ids"], [max(length, 0) for length in lengths])
             logger.info("read %d %s %s sequences from %s", len(lengths), modality, split, cache_path)
             return [piece if length >= 0 else None for piece, length in zip(pieces, lengths)]
+    if cached_only:
+        return None
 
     reader = get_plugin_manager().modality(modality)
     sequences: list[torch.Tensor | None] = []
