@@ -408,3 +408,27 @@ def test_cli_encode_resize_option(tmp_path):
     assert Image.open(tmp_path / "back.png").size == (150, 97)
     assert rejected.exit_code == 1
     assert "has no encode option 'levels'; options: resize" in rejected.output
+
+
+def test_training_loader_applies_exif_rotation(tmp_path):
+    from mmtok_image.train import load_images
+
+    # A tall picture stored as a wide JPEG: after rotation the white band runs left to right.
+    image = Image.new("RGB", (64, 32), "black")
+    image.paste((255, 255, 255), (0, 0, 32, 32))  # left half white, rotated to the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    (loaded,) = load_images([path], tiny_tokenizer())
+    rows = loaded.float().mean(dim=(0, 2))  # mean brightness of each row of the fitted square
+    assert rows[: len(rows) // 2].mean() > rows[len(rows) // 2 :].mean() + 100
+
+
+def test_training_loader_skips_files_over_pixel_limit(tmp_path, monkeypatch):
+    from mmtok_image.train import load_images
+
+    small = draw_picture(tmp_path / "small.png", (60, 40))
+    big = draw_picture(tmp_path / "big.png", (200, 100))
+    monkeypatch.setenv("MMTOK_MAX_IMAGE_PIXELS", "10000")
+    assert load_images([small, big], tiny_tokenizer()).shape[0] == 1

@@ -19,15 +19,13 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from mmtok import MmtokError
 from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
-from mmtok_image.modality import to_rgb
+from mmtok_image.modality import ImageModality
 from mmtok_image.tokenizer import ImageTokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,16 +50,20 @@ def list_images(data_dir: Path, split: str) -> list[Path]:
 
 
 def load_images(files: list[Path], tokenizer: ImageTokenizer) -> torch.Tensor:
-    """Load and fit every image into a ``(N, 3, R, R)`` uint8 tensor."""
+    """Load and fit every image into a ``(N, 3, R, R)`` uint8 tensor.
+
+    Files are read as ``mmtok encode`` reads them: EXIF rotation applied, transparency
+    composited onto white, first frame of an animation, and files over the pixel limit
+    (``MMTOK_MAX_IMAGE_PIXELS``) skipped with a warning before they are decoded.
+    """
+    reader = ImageModality()
     images = []
     for path in files:
         try:
-            with Image.open(path) as image:
-                rgb = to_rgb(image)
-        except OSError as error:
-            logger.warning("skipping %s: %s", path, error)
+            data = reader.read(path).data
+        except MmtokError as error:
+            logger.warning("skipping %s", error)
             continue
-        data = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
         canvas, _ = tokenizer.fit(data)
         images.append((canvas * 255 + 0.5).to(torch.uint8))
     if not images:
