@@ -276,9 +276,12 @@ def decode(files: tuple[Path, ...], output, tokenizer_name, force, device) -> No
               help="Device of the tokenizer in each worker: cpu, cuda or auto.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch CPU threads per worker.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Tokenizer encode option (JSON value, else a string), e.g. resize=crop for images; repeatable. "
+                   "Recorded in dataset.json; later runs into OUTPUT_DIR must pass the same.")
 @handle_errors
 def encode_dataset_command(input_dir, output_dir, modality, tokenizer_name, workers, shard_size, job_index, num_jobs,
-                           old_job_index, old_num_jobs, retry_failed, device, threads) -> None:
+                           old_job_index, old_num_jobs, retry_failed, device, threads, options) -> None:
     """Encode every file of a modality under INPUT_DIR into token shards in OUTPUT_DIR.
 
     Run the same command again after an interruption to encode the shards that are not
@@ -303,7 +306,7 @@ def encode_dataset_command(input_dir, output_dir, modality, tokenizer_name, work
         summary = encode_dataset(
             input_dir, output_dir, modality, tokenizer_name, workers=workers, shard_size=shard_size,
             job_index=job_index, num_jobs=num_jobs, retry_failed=retry_failed, device=device, threads=threads,
-            show_progress=True,
+            options=_parse_model_args(options, "--option"), show_progress=True,
         )
         _echo_encode_summary(summary, output_dir)
     except KeyboardInterrupt as interrupt:

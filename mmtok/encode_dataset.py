@@ -129,7 +129,14 @@ def _write_dataset_info(output_dir: Path, info: dict[str, Any]) -> None:
             temporary.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return
     existing = read_dataset_info(output_dir)
-    for key, label in (("modality", "modality"), ("tokenizer_hash", "tokenizer weights"), ("shard_size", "shard size")):
+    existing.setdefault("encode_options", {})  # folders from before the field existed
+    labels = (
+        ("modality", "modality"),
+        ("tokenizer_hash", "tokenizer weights"),
+        ("shard_size", "shard size"),
+        ("encode_options", "encode options"),
+    )
+    for key, label in labels:
         if existing.get(key) != info[key]:
             raise MmtokError(
                 f"{path}: this folder was encoded with {label} {existing.get(key)!r}, not {info[key]!r}; "
@@ -170,6 +177,7 @@ class _Job:
     tokenizer: str
     tokenizer_hash: str
     device: str
+    options: dict[str, Any]
 
 
 _worker: dict[str, Any] = {}
@@ -208,7 +216,7 @@ def _encode_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     tokenizer = _worker["tokenizer"]
     sample = _worker["reader"].read(path)
     with torch.no_grad():
-        tokens = tokenizer.encode(sample)
+        tokens = tokenizer.encode(sample, **_worker["job"].options)
     codes = tokens.codes.cpu().numpy()
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= tokenizer.vocab_size):
         raise MmtokError(f"{path}: the tokenizer produced ids outside [0, {tokenizer.vocab_size})")
@@ -279,6 +287,7 @@ def encode_dataset(
     retry_failed: bool = False,
     device: str = "cpu",
     threads: int = 1,
+    options: dict[str, Any] | None = None,
     show_progress: bool = False,
 ) -> EncodeSummary:
     """Encode every ``modality`` file under ``input_dir`` into token shards in ``output_dir``.
@@ -299,6 +308,9 @@ def encode_dataset(
         device: torch device of the tokenizer in each worker.
         threads: torch CPU threads of each worker. Processes scale better than threads
             here, and one thread per worker does not oversubscribe the cores.
+        options: keyword options of the tokenizer's ``encode``, such as the image
+            tokenizer's ``resize``. They are recorded in ``dataset.json``, and a later run
+            into the same folder must pass the same ones.
         show_progress: draw a progress bar of files on stderr.
 
     Raises:
@@ -321,6 +333,8 @@ def encode_dataset(
     if not name:
         raise MmtokError(f"modality {modality!r} has no default tokenizer; pass --tokenizer")
     loaded = api.load_tokenizer(name, modality)
+    options = dict(options or {})
+    loaded.check_encode_options(options)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / SHARDS_DIR).mkdir(exist_ok=True)
     info = {
@@ -332,6 +346,7 @@ def encode_dataset(
         "vocab_size": loaded.vocab_size,
         "ids_dtype": ids_dtype(loaded.vocab_size).name,
         "shard_size": shard_size,
+        "encode_options": options,
     }
     _write_dataset_info(output_dir, info)
 
@@ -363,7 +378,7 @@ def encode_dataset(
         len(planned), modality, count, len(pending), done_before,
     )
 
-    job = _Job(input_dir, output_dir, modality, name, info["tokenizer_hash"], str(api.resolve_device(device)))
+    job = _Job(input_dir, output_dir, modality, name, info["tokenizer_hash"], str(api.resolve_device(device)), options)
     started = time.perf_counter()
     progress = tqdm(
         total=sum(len(names) for _, names in tasks), desc=f"encoding {modality}", unit="file",

@@ -165,6 +165,37 @@ def test_other_shard_size_rejected_on_rerun(tree, tmp_path):
         encode_dataset(root, tmp_path / "out", "image", shard_size=5)
 
 
+def test_encode_options_reach_every_file(tree, tmp_path):
+    root, names = tree
+    encode_dataset(root, tmp_path / "out", "image", shard_size=4, options={"resize": "pad"})
+    items = {item.path: item for item in ShardDataset(tmp_path / "out")}
+
+    for name in names[:3]:
+        expected = api.encode_file(root / name, options={"resize": "pad"})
+        tokens = ShardDataset(tmp_path / "out").tokens(items[name])
+        assert torch.equal(tokens.codes, expected.codes), name
+        assert tokens.metadata["resize"] == "pad"
+
+
+def test_other_encode_options_rejected_on_rerun(tree, tmp_path):
+    root, _ = tree
+    encode_dataset(root, tmp_path / "out", "image", shard_size=4, options={"resize": "crop"})
+
+    with pytest.raises(MmtokError, match="encoded with encode options {'resize': 'crop'}, not {}"):
+        encode_dataset(root, tmp_path / "out", "image", shard_size=4)
+
+
+def test_unknown_encode_option_rejected_before_writing(tree, tmp_path):
+    root, _ = tree
+    result = CliRunner().invoke(
+        cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image", "--option", "levels=2"]
+    )
+
+    assert result.exit_code == 1
+    assert "has no encode option 'levels'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_tampered_shard_index_rejected(tree, tmp_path):
     root, _ = tree
     encode_dataset(root, tmp_path / "out", "image", shard_size=4)
