@@ -367,10 +367,11 @@ def sampling_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="confidence", show_default=True,
                      help="Confidence-ordered unmasking (MaskGIT) or ancestral sampling of the reverse process."),
         click.option("--unmask-schedule", "unmasking", type=click.Choice(list(UNMASKING_SCHEDULES)), default="cosine",
-                     show_default=True, help="How many positions the confidence sampler unmasks per step."),
+                     show_default=True, help="How many positions the confidence sampler unmasks per step (confidence sampler only)."),
         click.option("--confidence-noise", type=click.FloatRange(min=0.0), default=DEFAULT_CONFIDENCE_NOISE,
                      show_default=True,
-                     help="Randomness of the confidence sampler's order (annealed Gumbel noise); 0 is greedy."),
+                     help="Randomness of the confidence sampler's order (annealed Gumbel noise); 0 is greedy "
+                          "(confidence sampler only)."),
         click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
                      help="Softmax temperature."),
         click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
@@ -421,8 +422,8 @@ def _save_samples(samples: list[Any], modality: str, targets: list[Path], force:
 @click.option("--prompt", help="Text to condition on (the generator must be trained with captions).")
 @click.option("--image", "image_file", type=click.Path(path_type=Path), help="Image file to condition on, e.g. to caption it.")
 @click.option("--audio", "audio_file", type=click.Path(path_type=Path), help="Audio file to condition on.")
-@click.option("--condition", "condition_files", type=click.Path(path_type=Path), multiple=True,
-              help="File of any modality to condition on, chosen by its suffix; repeatable.")
+@click.option("--condition", "condition_files", multiple=True, metavar="[MODALITY=]FILE",
+              help="File of any modality to condition on, read by its suffix or as MODALITY; repeatable.")
 @click.option("--guidance", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Classifier-free guidance weight; 0 turns it off.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
@@ -442,8 +443,13 @@ def generate(modality, output, count, sampling, model, prompt, image_file, audio
     entry = get_plugin_manager().modality(modality)
     targets = _sample_targets(output, Path(f"generated-{modality}{entry.default_suffix}"), modality, count, force)
     files = [(path, "image") for path in [image_file] if path] + [(path, "audio") for path in [audio_file] if path]
-    files += [(path, None) for path in condition_files]
-    conditions = [api.read_sample(path, condition_modality) for path, condition_modality in files]
+    files += [_condition_file(str(value)) for value in condition_files]
+    conditions = []
+    for path, condition_modality in files:
+        try:
+            conditions.append(api.read_sample(path, condition_modality))
+        except MmtokError as error:
+            raise MmtokError(str(error).replace("or pass --modality", "or write --condition MODALITY=FILE")) from error
     samples = api.generate(
         modality,
         count,
@@ -459,8 +465,20 @@ def generate(modality, output, count, sampling, model, prompt, image_file, audio
     _save_samples(samples, modality, targets, force)
 
 
+def _condition_file(value: str) -> tuple[Path, str | None]:
+    """Split ``--condition [MODALITY=]FILE`` into the path and the modality (None: by suffix)."""
+    from mmtok.plugins import get_plugin_manager
+
+    name, separator, path = value.partition("=")
+    if separator and name in get_plugin_manager().modalities:
+        return Path(path), name
+    return Path(value), None
+
+
 def _parse_region(box: str | None, span: str | None) -> tuple[float, ...]:
-    if (box is None) == (span is None):
+    if box is not None and span is not None:
+        raise click.UsageError("give --box (an image) or --span (audio or text), not both")
+    if box is None and span is None:
         raise click.UsageError("give the region to regenerate: --box x0,y0,x1,y1 for an image, or --span start,end")
     text, option, count = (box, "--box", 4) if box is not None else (span, "--span", 2)
     try:
@@ -497,20 +515,23 @@ def inpaint(file, box, span, modality, output, count, sampling, model, force, se
     region = _parse_region(box, span)
     modality, sample = api.read_sample(file, modality)
     if (box is not None) != (modality == "image"):
-        raise click.UsageError(f"{file} is {modality}; use --box for images and --span for audio and text")
+        raise click.UsageError(f"{file} is read as {modality}; use --box for images and --span for audio and text")
     default = file.with_name(f"{file.stem}-inpainted{file.suffix}")
     targets = _sample_targets(output, default, modality, count, force)
-    samples = api.inpaint(
-        modality,
-        sample,
-        region,
-        count,
-        model=model,
-        seed=seed,
-        device=api.resolve_device(device),
-        show_progress=True,
-        **sampling,
-    )
+    try:
+        samples = api.inpaint(
+            modality,
+            sample,
+            region,
+            count,
+            model=model,
+            seed=seed,
+            device=api.resolve_device(device),
+            show_progress=True,
+            **sampling,
+        )
+    except MmtokError as error:
+        raise MmtokError(f"{file}: {error}") from error
     _save_samples(samples, modality, targets, force)
 
 
@@ -916,9 +937,11 @@ def eval_generator(data_dir: Path, model: str, split: str, modalities: str | Non
     _echo_rows(rows)
     for score in scores:
         if score.gain is not None:
+            direction = "fewer" if score.gain >= 0 else "more"
             click.echo(
-                f"{score.target} given {score.condition}: {score.gain:.3f} bits/token fewer than alone "
-                f"({100 * score.gain / score.alone_bits_per_token:.1f}%)"
+                f"{score.target} given {score.condition}: {abs(score.gain):.3f} bits/token {direction} than alone "
+                f"({100 * abs(score.gain) / score.alone_bits_per_token:.1f}%), "
+                f"{score.masked_condition_bits_per_token - score.bits_per_token:+.3f} against the masked condition"
             )
 
 

@@ -444,9 +444,17 @@ class Pipeline:
         if not bool(regenerate.any()):
             raise MmtokError(f"region {list(region)} covers no {modality} token")
         window = self._infill_window(modality, regenerate, align=max(1, len(sequence) // tokens.codes.shape[-1]))
+        part, keep = sequence[window], ~regenerate[window]
+        length = self.generator.sequence_lengths[modality]
+        short = modality not in self.generator.variable_length and len(part) < length
+        if short:
+            # A fixed-length segment needs all its ids: the missing ones are generated
+            # after the sample's end and dropped.
+            part = torch.cat([part, part.new_zeros(length - len(part))])
+            keep = torch.cat([keep, keep.new_zeros(length - len(keep))])
         results = self.generator.infill(
-            [(modality, sequence[window])],
-            [~regenerate[window]],
+            [(modality, part)],
+            [keep],
             n,
             steps=steps,
             sampler=sampler,
@@ -459,6 +467,7 @@ class Pipeline:
         )
         infilled = []
         for (ids,) in results:
+            ids = ids[: window.stop - window.start] if short else ids
             full = torch.cat([sequence[: window.start], ids.cpu(), sequence[window.stop :]])
             generated = tokenizer.decode(tokenizer.make_tokens(tokenizer.from_sequence(full, **options), tokens.metadata))
             infilled.append(tokenizer.merge_region(sample, generated, tuple(region)))
@@ -473,23 +482,28 @@ class Pipeline:
         length = self.generator.sequence_lengths[modality]
         total = regenerate.numel()
         if total <= length:
-            if modality not in self.generator.variable_length and total != length:
-                raise MmtokError(
-                    f"the {modality} sample has {total} tokens, but the generator infills segments of exactly {length}"
-                )
             return slice(0, total)
         chosen = torch.nonzero(regenerate)[:, 0]
         first, last = int(chosen[0]), int(chosen[-1]) + 1
         if last - first > length:
             raise MmtokError(
-                f"the region covers {last - first} {modality} tokens, more than the generator's segment of {length}; "
-                "choose a smaller region"
+                f"the region is too large: it covers {last - first} {modality} tokens, and the generator regenerates at "
+                f"most {length} at a time{self._segment_extent(modality)}; choose a smaller region"
             )
         start = max(0, min(total - length, (first + last - length) // 2))
         start -= start % align
         if start + length < last:
             start += align
         return slice(start, start + length)
+
+    def _segment_extent(self, modality: str) -> str:
+        """Describe one generator segment in the modality's units, e.g. " (1.28 s of audio)", where known."""
+        length = self.generator.sequence_lengths[modality]
+        options = self.generator.sequence_options.get(modality, {})
+        metadata = self.tokenizers[modality].generation_metadata(length, **options)
+        if metadata.get("samples") and metadata.get("sample_rate"):
+            return f" ({metadata['samples'] / metadata['sample_rate']:g} s of audio)"
+        return ""
 
     def _check_modality(self, modality: str) -> None:
         if modality not in self.tokenizers:

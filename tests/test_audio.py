@@ -816,3 +816,15 @@ def test_sample_segments_rare_tones_keep_clips():
     batches = [sample_segments(clips, 2, 1600, torch.Generator().manual_seed(seed), tone_share=0.01) for seed in range(20)]
     assert all(tuple(batch.shape) == (2, 1, 1600) for batch in batches)
     assert synthetic_tones(0, 1600, 16000).shape == (0, 1600)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_24", "FLOAT"])
+def test_write_keeps_lossless_subtype_of_read_sample(tmp_path, subtype):
+    frames = (np.random.default_rng(0).standard_normal((4000, 2)) * 0.1).astype(np.float32)
+    soundfile.write(tmp_path / "in.wav", frames, 22050, subtype=subtype)
+    sample = AudioModality().read(tmp_path / "in.wav")
+    AudioModality().write(sample, tmp_path / "out.wav")
+    assert soundfile.info(tmp_path / "out.wav").subtype == subtype
+    original, _ = soundfile.read(tmp_path / "in.wav", dtype="float64")
+    written, _ = soundfile.read(tmp_path / "out.wav", dtype="float64")
+    assert np.array_equal(original, written)

@@ -167,3 +167,25 @@ def test_guided_text_to_image_differs_from_unguided(pipeline):
     plain = pipeline.generate("image", 2, prompt="animals bird", steps=8, seed=0)
     guided = pipeline.generate("image", 2, prompt="animals bird", guidance=3.0, steps=8, seed=0)
     assert not torch.equal(plain[0].data, guided[0].data)
+
+
+def test_condition_option_takes_modality_prefix(tmp_path):
+    picture = draw_picture(tmp_path / "picture.png")
+    renamed = tmp_path / "picture.data"
+    renamed.write_bytes(picture.read_bytes())
+    result = run("generate", "--modality", "text", "--condition", f"image={renamed}", "--steps", "4", "--seed", "0",
+                 "-o", str(tmp_path / "caption.txt"))
+    assert result.exit_code == 0, result.output
+
+
+def test_condition_option_unknown_suffix_suggests_prefix(tmp_path):
+    (tmp_path / "picture.data").write_bytes(b"x")
+    result = run("generate", "--modality", "text", "--condition", str(tmp_path / "picture.data"), "-o", str(tmp_path / "c.txt"))
+    assert result.exit_code == 1
+    assert "or write --condition MODALITY=FILE" in result.output
+
+
+def test_eval_command_unknown_modality(held_out_folder):
+    result = run("eval", "generator", str(held_out_folder), "--modalities", "video")
+    assert result.exit_code == 1
+    assert "the generator has no modality 'video'" in result.output

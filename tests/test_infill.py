@@ -153,6 +153,26 @@ def test_inpaint_text_keeps_text_outside_span(pipeline):
         assert result.data.endswith(" miles begins with a single step.")
 
 
+@pytest.mark.parametrize("span", [(10, 25), (60, 70), (3, 9), (0, 5), (60, 71)])
+def test_inpaint_text_keeps_characters_outside_span_that_cuts_tokens(pipeline, span):
+    # These spans start or end inside a token, which is regenerated whole.
+    text = "The early bird catches the worm, but the second mouse gets the cheese.\n"
+    start, end = span
+    for result in pipeline.inpaint("text", Sample(text), span, n=3, steps=8, seed=0):
+        assert result.data.startswith(text[:start])
+        assert result.data.endswith(text[end:])
+
+
+def test_inpaint_audio_shorter_than_segment(pipeline):
+    # 0.3 s is shorter than the generator's 1.28 s segment; the rest is generated and dropped.
+    rate = 16000
+    time = torch.arange(int(0.3 * rate)) / rate
+    sample = Sample((0.2 * torch.sin(2 * torch.pi * 220 * time))[None], {"sample_rate": rate})
+    (result,) = pipeline.inpaint("audio", sample, (0.1, 0.2), steps=4, seed=0)
+    assert result.data.shape == sample.data.shape
+    assert torch.equal(result.data[:, : int(0.1 * rate)], sample.data[:, : int(0.1 * rate)])
+
+
 def test_inpaint_long_audio_keeps_samples_outside_span(pipeline, speech):
     _, sample = read_sample(speech)
     seconds = sample.data.shape[1] / sample.metadata["sample_rate"]
@@ -182,7 +202,7 @@ def test_inpaint_command_box_outside_image_fails_cleanly(tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("arguments", [[], ["--box", "1,2,3"], ["--box", "1,2,3,nan"], ["--box", "0,0,8,8", "--span", "0,1"]])
+@pytest.mark.parametrize("arguments", [[], ["--box", "1,2,3"], ["--box", "1,2,3,nan"]])
 def test_inpaint_command_bad_region_is_usage_error(tmp_path, arguments):
     path = draw_picture(tmp_path / "picture.png", size=(64, 64))
     result = run("inpaint", str(path), *arguments)
@@ -199,7 +219,8 @@ def test_inpaint_command_span_on_image_is_usage_error(tmp_path):
 def test_inpaint_command_span_too_long_for_segment(tmp_path, speech):
     result = run("inpaint", str(speech), "--span", "0,2", "-o", str(tmp_path / "out.wav"))
     assert result.exit_code == 1
-    assert "more than the generator's segment" in result.output
+    assert result.output.startswith(f"error: {speech}: the region is too large")
+    assert "(1.28 s of audio)" in result.output
     assert not (tmp_path / "out.wav").exists()
 
 
@@ -211,3 +232,10 @@ def test_inpaint_command_writes_audio_of_input_length(tmp_path, speech):
     assert infilled_rate == rate
     assert infilled.shape == original.shape
     assert np.abs(infilled[: int(0.19 * rate)] - original[: int(0.19 * rate)]).max() < 1e-4
+
+
+def test_inpaint_command_box_and_span_together(tmp_path):
+    path = draw_picture(tmp_path / "picture.png", size=(64, 64))
+    result = run("inpaint", str(path), "--box", "0,0,8,8", "--span", "0,1")
+    assert result.exit_code == 2
+    assert "not both" in result.output

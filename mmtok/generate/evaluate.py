@@ -97,6 +97,12 @@ def evaluate_generator(
     data_dir = Path(data_dir)
     available = [m for m in generator.token_space.modalities if (data_dir / m / f"{split}.jsonl").is_file()]
     modalities = list(modalities) if modalities is not None else available
+    unknown = [m for m in modalities if m not in generator.token_space.modalities]
+    if unknown:
+        raise MmtokError(
+            f"the generator has no modality {', '.join(map(repr, unknown))}; "
+            f"its modalities are {', '.join(generator.token_space.modalities)}"
+        )
     if not modalities:
         raise MmtokError(f"{data_dir}: no {split}.jsonl manifest for any of {', '.join(generator.token_space.modalities)}")
     if t_samples < 1:

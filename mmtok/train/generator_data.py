@@ -100,13 +100,17 @@ def tokenize_rows(
             lengths = stored["lengths"].tolist()
             pieces = torch.split(stored["ids"], [max(length, 0) for length in lengths])
             logger.info("read %d %s %s sequences from %s", len(lengths), modality, split, cache_path)
+            unreadable = sum(length < 0 for length in lengths)
+            if unreadable:
+                logger.warning("skipping %d unreadable %s %s files, as when the cache %s was made", unreadable, modality, split, cache_path)
             return [piece if length >= 0 else None for piece, length in zip(pieces, lengths)]
     if cached_only:
         return None
 
     reader = get_plugin_manager().modality(modality)
     sequences: list[torch.Tensor | None] = []
-    for row in tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False):
+    manifest = Path(data_dir) / modality / f"{split}.jsonl"
+    for number, row in enumerate(tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False), start=1):
         if "file" in row:
             path = Path(data_dir) / modality / row["file"]
             try:
@@ -118,9 +122,12 @@ def tokenize_rows(
         elif "text" in row:
             sample = Sample(row["text"])
         else:
-            raise MmtokError(f"{data_dir}/{modality}/{split}.jsonl: a row has neither 'file' nor 'text'")
-        with torch.no_grad():
-            sequences.append(tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64))
+            raise MmtokError(f"{manifest}: row {number} has neither 'file' nor 'text'")
+        try:
+            with torch.no_grad():
+                sequences.append(tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64))
+        except MmtokError as error:
+            raise MmtokError(f"{manifest}: row {number}: {error}") from error
 
     if cache_path is not None:
         # A length of -1 marks a row whose file could not be read.

@@ -33,6 +33,9 @@ _WRITE_FORMATS = {
 }
 if _MP3_AVAILABLE:
     _WRITE_FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
+# Lossless encodings a sample's ``subtype`` metadata may ask `write` to keep, so that a
+# sample read from a 24-bit or float file (as infilling keeps it) is written back unchanged.
+_KEPT_SUBTYPES = {"PCM_U8", "PCM_S8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"}
 
 
 def _check_not_truncated(path: Path, log: str) -> None:
@@ -108,7 +111,12 @@ class AudioModality(Modality):
         return Sample(data, metadata)
 
     def write(self, sample: Sample, path: Path) -> None:
-        """Write 16-bit PCM for .wav and .flac, Vorbis for .ogg and MP3 for .mp3, clipped to [-1, 1]."""
+        """Write 16-bit PCM for .wav and .flac, Vorbis for .ogg and MP3 for .mp3, clipped to [-1, 1].
+
+        A lossless ``subtype`` in the sample's metadata (as :meth:`read` records it) is
+        kept when the format supports it, so a 24-bit or float WAV read and written again
+        keeps its samples.
+        """
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in _WRITE_FORMATS:
@@ -122,6 +130,9 @@ class AudioModality(Modality):
             raise MmtokError(f"{path}: audio metadata needs a positive integer sample_rate, got {sample_rate!r}")
         frames = data.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).t().numpy()  # (samples, channels)
         file_format, subtype = _WRITE_FORMATS[suffix]
+        wanted = sample.metadata.get("subtype")
+        if wanted in _KEPT_SUBTYPES and subtype.startswith("PCM") and soundfile.check_format(file_format, wanted):
+            subtype = wanted
         try:
             soundfile.write(str(path), frames, sample_rate, subtype=subtype, format=file_format)
         except (soundfile.LibsndfileError, RuntimeError, ValueError) as error:

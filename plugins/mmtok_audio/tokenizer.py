@@ -342,7 +342,7 @@ class AudioTokenizer(Tokenizer):
             raise MmtokError(f"an audio region is a span start,end in seconds, got {len(region)} numbers")
         start, end = (float(value) for value in region)
         if not 0 <= start < end <= duration + 1e-9:
-            raise MmtokError(f"span {start:g},{end:g} s does not lie inside the {duration:.3f} s of audio (0 <= start < end)")
+            raise MmtokError(f"span {start:g},{end:g} s does not lie inside the {duration:.3f} s of audio (0 <= start < end <= {duration:.3f})")
         kept_levels = min(levels or tokens.codes.shape[0], tokens.codes.shape[0])
         frames = tokens.codes.shape[1]
         first = min(math.floor(start * self.frame_rate), frames - 1)

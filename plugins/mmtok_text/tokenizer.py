@@ -148,7 +148,10 @@ class TextTokenizer(Tokenizer):
             raise MmtokError(f"a text region is a span start,end in characters, got {len(region)} numbers")
         start, end = region
         if int(start) != start or int(end) != end or not 0 <= start < end <= len(text):
-            raise MmtokError(f"span {start:g},{end:g} does not lie inside the {len(text)} characters of the text")
+            raise MmtokError(
+                f"span {start:g},{end:g} does not lie inside the {len(text)} characters of the text "
+                f"(whole numbers, 0 <= start < end <= {len(text)})"
+            )
         first_byte = len(text[: int(start)].encode("utf-8"))
         last_byte = len(text[: int(end)].encode("utf-8"))
         spans = self.token_byte_spans(tokens.codes.reshape(-1))
@@ -157,9 +160,19 @@ class TextTokenizer(Tokenizer):
         return torch.tensor([begin < last_byte and stop > first_byte for begin, stop in spans], dtype=torch.bool)
 
     def merge_region(self, original: Sample, generated: Sample, region: tuple[float, ...]) -> Sample:
-        # Tokens outside the span decode to the original characters exactly, so the
-        # generated text is the result.
-        return generated
+        """Put the regenerated characters between ``original[:start]`` and ``original[end:]``.
+
+        Tokens that straddle an edge of the span are regenerated whole, so ``generated``
+        may differ from the original a few characters outside the span. The characters
+        ``generated`` keeps from the original before and after are found as its common
+        prefix and suffix with the original, and only what lies between replaces the span.
+        """
+        text, new = original.data, generated.data
+        start, end = int(region[0]), int(region[1])
+        prefix = min(_common_prefix(text, new), start)
+        suffix = min(_common_prefix(text[::-1], new[::-1]), len(text) - end, len(new) - prefix)
+        merged = text[:start] + new[prefix : len(new) - suffix] + text[end:]
+        return Sample(merged, {**generated.metadata, "characters": len(merged)})
 
     def sequence_defaults(self) -> tuple[int, dict]:
         # Enough for a caption or the start of a fortune at about 2.5 characters per token.
@@ -185,3 +198,11 @@ class TextTokenizer(Tokenizer):
 def read_lines(path: Path) -> list[str]:
     """Read training text records from a ``.txt`` file, one record per line."""
     return [line for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
+
+
+def _common_prefix(first: str, second: str) -> int:
+    """Return the length of the longest common prefix of two strings."""
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
