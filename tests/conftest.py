@@ -29,6 +29,20 @@ def _few_threads():
     torch.set_num_threads(1)
 
 
+def one_torch_thread():
+    """Run a test module on one torch thread, module fixtures included.
+
+    Module fixtures (a trained model, an evaluation) are set up before the per-test
+    setting above. Their models are tiny, so one thread loses no speed, while on a busy
+    machine two threads made them up to ten times slower. Use it as
+    ``single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def draw_picture(path: Path, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Path:
     """Draw a simple clip-art-like picture: flat shapes with outlines on white."""
     image = Image.new("RGB", size, "white")

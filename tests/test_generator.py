@@ -20,6 +20,7 @@ from mmtok.generate.schedule import CosineSchedule, LogLinearSchedule, masked_co
 from mmtok.generate.sampler import sample
 from mmtok.generate.sequence import Batch
 from mmtok.train.generator import evaluate_bits_per_token, train_generator
+from conftest import one_torch_thread
 
 # The Markov chain ----------------------------------------------------------------------
 
@@ -133,15 +134,7 @@ class MarkovChainDenoiser(Generator):
         return logits[where].float()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Module fixtures such as the trained generator are set up before the per-test thread
-    # setting of conftest.py. The models are tiny, so one thread loses no speed, while on a
-    # busy machine two threads made training up to ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from mmtok.api import load_pipeline, read_sample
 from mmtok.cli import cli
 from mmtok.generate.evaluate import evaluate_generator
 
-from conftest import OPENCLIPART, draw_picture
+from conftest import OPENCLIPART, draw_picture, one_torch_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 48
@@ -36,14 +36,7 @@ def prepare_data_module():
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Module fixtures run before the per-test thread setting of conftest.py; on a busy
-    # machine two threads made the evaluation below seven times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
