@@ -91,7 +91,7 @@ def sample(
     if unmasking not in UNMASKING_SCHEDULES:
         raise ValueError(f"unknown unmasking schedule {unmasking!r}; choose one of {', '.join(UNMASKING_SCHEDULES)}")
 
-    denoiser = _Denoiser(model, batch, guidance, temperature, top_p)
+    denoiser = _Denoiser(model, batch, keep, guidance, temperature, top_p)
     ids = batch.ids.masked_fill(~keep, model.token_space.mask_id)
     progress = tqdm(total=steps, desc=f"sampling ({method})", unit="step", file=sys.stderr, disable=not show_progress)
     try:
@@ -105,22 +105,33 @@ def sample(
 
 
 class _Denoiser:
-    """Log-probabilities of the clean ids at masked positions, with guidance, temperature and top-p."""
+    """Log-probabilities of the clean ids at masked positions, with guidance, temperature and top-p.
 
-    def __init__(self, model: "Generator", batch: Batch, guidance: float, temperature: float, top_p: float) -> None:
+    Only the ``C`` ids that some free position may hold enter the softmax and the draws:
+    an image position allows 512 of the bundled generator's 6,664 ids, and float64
+    softmax over the rest was a fifth of the sampling time. The other ids have
+    probability 0 either way. :attr:`columns` maps column indices back to unified ids.
+    """
+
+    def __init__(
+        self, model: "Generator", batch: Batch, keep: torch.Tensor, guidance: float, temperature: float, top_p: float
+    ) -> None:
         self.model = model
         self.batch = batch
         self.guidance = guidance
         self.temperature = temperature
         self.top_p = top_p
+        free_kinds = batch.position_kind[(~keep).any(0)]
+        self.columns = model.allowed[free_kinds].any(0).nonzero()[:, 0]  # (C,)
 
     def __call__(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """Return ``(N, V)`` float64 log-probabilities at the ``N`` positions where ``where`` is True."""
+        """Return ``(N, C)`` float64 log-probabilities of :attr:`columns` where ``where`` is True."""
         mask_id = self.model.token_space.mask_id
         if self.guidance:
             unconditional = ids.masked_fill(self.batch.condition[None, :], mask_id)
             both = self.model.masked_logits(torch.cat([ids, unconditional]), self.batch, torch.cat([where, where]))
-            conditional, unconditional = both.double().log_softmax(-1).chunk(2)  # (N, V) each
+            both = both[:, self.columns]
+            conditional, unconditional = both.double().log_softmax(-1).chunk(2)  # (N, C) each
             # -inf - (-inf) is NaN, so combine finite values and restore -inf afterwards.
             illegal = torch.isinf(conditional)
             guided = (1 + self.guidance) * conditional.masked_fill(illegal, 0) - self.guidance * unconditional.masked_fill(
@@ -128,7 +139,7 @@ class _Denoiser:
             )
             log_probs = guided.masked_fill(illegal, float("-inf"))
         else:
-            log_probs = self.model.masked_logits(ids, self.batch, where).double()
+            log_probs = self.model.masked_logits(ids, self.batch, where)[:, self.columns].double()
 
         if self.temperature > 0:
             log_probs = log_probs / self.temperature
@@ -148,7 +159,7 @@ def _nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _draw(log_probs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one id per row of ``(N, V)`` log-probabilities with the Gumbel-max trick."""
+    """Draw one id per row of ``(N, C)`` log-probabilities with the Gumbel-max trick."""
     if temperature == 0:
         return log_probs.argmax(-1)
     return (log_probs + _gumbel(log_probs.shape, log_probs.device, generator)).argmax(-1)
@@ -176,7 +187,7 @@ def _ancestral(
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
     # Log-probs at the masked positions of the last model call. They stay valid while
     # no position is unmasked, because the model input is then unchanged.
-    cached: torch.Tensor | None = None  # (N, V)
+    cached: torch.Tensor | None = None  # (N, C)
     for step in range(steps):
         masked = ids == mask_id
         if cached is None:
@@ -185,7 +196,7 @@ def _ancestral(
         unmask = masked & (torch.rand(ids.shape, dtype=torch.float64, device=device, generator=generator) < probability)
         if bool(unmask.any()):
             ids = ids.clone()
-            ids[unmask] = _draw(cached[unmask[masked]], temperature, generator)
+            ids[unmask] = denoiser.columns[_draw(cached[unmask[masked]], temperature, generator)]
             cached = None
         progress.update(1)
     return ids
@@ -210,7 +221,7 @@ def _confidence(
         if not bool((count > 0).any()):
             progress.update(1)
             continue
-        log_probs = denoiser(ids, masked)  # (N, V)
+        log_probs = denoiser(ids, masked)  # (N, C)
 
         confidence = torch.full(ids.shape, float("-inf"), dtype=torch.float64, device=ids.device)
         confidence[masked] = log_probs.max(-1).values
@@ -224,6 +235,6 @@ def _confidence(
         chosen = masked & (rank < count[:, None])  # (B, T)
 
         ids = ids.clone()
-        ids[chosen] = _draw(log_probs[chosen[masked]], temperature, generator)
+        ids[chosen] = denoiser.columns[_draw(log_probs[chosen[masked]], temperature, generator)]
         progress.update(1)
     return ids
