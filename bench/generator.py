@@ -353,7 +353,7 @@ def print_table(report: dict) -> None:
     info = report["environment"]
     print(
         f"{report['model']} on CPU ({info['processor']}), {info['threads']} torch thread(s), torch {info['torch']}; "
-        f"{report['samples']} samples per row, generated in calls of {report['batch']}, seed {report['seed']}"
+        f"{report['samples']} samples per row, generated in timed calls of {report['batch']} (surplus samples dropped), seed {report['seed']}"
     )
     for modality, result in report["modalities"].items():
         pair_header = "pair JS (h / v)" if modality == "image" else "pair JS"

@@ -469,9 +469,12 @@ def _condition_file(value: str) -> tuple[Path, str | None]:
     """Split ``--condition [MODALITY=]FILE`` into the path and the modality (None: by suffix)."""
     from mmtok.plugins import get_plugin_manager
 
+    modalities = get_plugin_manager().modalities
     name, separator, path = value.partition("=")
-    if separator and name in get_plugin_manager().modalities:
+    if separator and name in modalities:
         return Path(path), name
+    if separator and name and "/" not in name and not Path(value).exists():
+        raise MmtokError(f"--condition {value}: unknown modality {name!r}; choose one of: {', '.join(sorted(modalities))}")
     return Path(value), None
 
 
@@ -903,7 +906,8 @@ def eval_generator(data_dir: Path, model: str, split: str, modalities: str | Non
                    t_samples: int, as_json: bool, seed: int | None, device: str) -> None:
     """Print held-out bits per token of a generator per modality, with and without conditions.
 
-    DATA_DIR is a folder as scripts/prepare_data.py writes it. Each row scores one target
+    DATA_DIR is a folder as scripts/prepare_data.py writes it; token sequences are cached
+    in DATA_DIR/.cache/generator-tokens, as training caches them. Each row scores one target
     modality under one condition; conditioned rows also score the same targets alone and
     with the condition masked, and "gain" is the bits per token the condition saves. The
     unigram column is the baseline of training-split token frequencies.
@@ -922,26 +926,30 @@ def eval_generator(data_dir: Path, model: str, split: str, modalities: str | Non
         click.echo(json.dumps({"model": model, "split": split, "t_samples": t_samples,
                                "scores": [score.to_dict() for score in scores]}, indent=2))
         return
+    def bits(value: float | None) -> str:
+        return "" if value is None else f"{value:.3f}"
+
     rows = []
     for score in scores:
         rows.append({
             "target": score.target,
             "condition": score.condition,
             "examples": score.examples,
-            "bits/token": score.bits_per_token,
-            "alone": "" if score.alone_bits_per_token is None else score.alone_bits_per_token,
-            "masked condition": "" if score.masked_condition_bits_per_token is None else score.masked_condition_bits_per_token,
-            "gain": "" if score.gain is None else score.gain,
-            "unigram": score.unigram_bits_per_token,
+            "bits/token": bits(score.bits_per_token),
+            "alone": bits(score.alone_bits_per_token),
+            "masked condition": bits(score.masked_condition_bits_per_token),
+            "gain": bits(score.gain),
+            "unigram": bits(score.unigram_bits_per_token),
         })
     _echo_rows(rows)
     for score in scores:
         if score.gain is not None:
-            direction = "fewer" if score.gain >= 0 else "more"
+            masked_gain = score.masked_condition_bits_per_token - score.bits_per_token
             click.echo(
-                f"{score.target} given {score.condition}: {abs(score.gain):.3f} bits/token {direction} than alone "
-                f"({100 * abs(score.gain) / score.alone_bits_per_token:.1f}%), "
-                f"{score.masked_condition_bits_per_token - score.bits_per_token:+.3f} against the masked condition"
+                f"{score.target} given {score.condition}: {abs(score.gain):.3f} bits/token "
+                f"{'fewer' if score.gain >= 0 else 'more'} than alone "
+                f"({100 * abs(score.gain) / score.alone_bits_per_token:.1f}%), and {abs(masked_gain):.3f} "
+                f"{'fewer' if masked_gain >= 0 else 'more'} than with the condition masked"
             )
 
 

@@ -182,3 +182,18 @@ def test_eval_command_unknown_modality(held_out_folder):
     result = run("eval", "generator", str(held_out_folder), "--modalities", "video")
     assert result.exit_code == 1
     assert "the generator has no modality 'video'" in result.output
+
+
+def test_condition_option_unknown_modality_prefix(tmp_path):
+    picture = draw_picture(tmp_path / "picture.png")
+    result = run("generate", "--modality", "text", "--condition", f"video={picture}", "-o", str(tmp_path / "c.txt"))
+    assert result.exit_code == 1
+    assert "unknown modality 'video'" in result.output
+
+
+def test_eval_command_manifest_row_of_wrong_type(tmp_path):
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "val.jsonl").write_text('{"file": 5}\n')
+    result = run("eval", "generator", str(tmp_path))
+    assert result.exit_code == 1
+    assert "val.jsonl: row 1 needs a 'file' path or a 'text' string" in result.output

@@ -111,6 +111,8 @@ def tokenize_rows(
     sequences: list[torch.Tensor | None] = []
     manifest = Path(data_dir) / modality / f"{split}.jsonl"
     for number, row in enumerate(tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False), start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("file", row.get("text")), str):
+            raise MmtokError(f"{manifest}: row {number} needs a 'file' path or a 'text' string, got {row!r:.80}")
         if "file" in row:
             path = Path(data_dir) / modality / row["file"]
             try:
@@ -119,10 +121,8 @@ def tokenize_rows(
                 logger.warning("skipping %s", error)
                 sequences.append(None)
                 continue
-        elif "text" in row:
-            sample = Sample(row["text"])
         else:
-            raise MmtokError(f"{manifest}: row {number} has neither 'file' nor 'text'")
+            sample = Sample(row["text"])
         try:
             with torch.no_grad():
                 sequences.append(tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64))
