@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmtok.errors import MmtokError
 from mmtok.modality import Sample
@@ -108,26 +109,13 @@ def tokenize_rows(
         return None
 
     reader = get_plugin_manager().modality(modality)
-    sequences: list[torch.Tensor | None] = []
     manifest = Path(data_dir) / modality / f"{split}.jsonl"
-    for number, row in enumerate(tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False), start=1):
-        if not isinstance(row, dict) or not isinstance(row.get("file", row.get("text")), str):
-            raise MmtokError(f"{manifest}: row {number} needs a 'file' path or a 'text' string, got {row!r:.80}")
-        if "file" in row:
-            path = Path(data_dir) / modality / row["file"]
-            try:
-                sample = reader.read(path)
-            except MmtokError as error:
-                logger.warning("skipping %s", error)
-                sequences.append(None)
-                continue
-        else:
-            sample = Sample(row["text"])
-        try:
-            with torch.no_grad():
-                sequences.append(tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64))
-        except MmtokError as error:
-            raise MmtokError(f"{manifest}: row {number}: {error}") from error
+    progress = tqdm(rows, desc=f"tokenizing {modality} {split}", unit="item", leave=False)
+    with logging_redirect_tqdm():  # warnings about skipped files print above the bar
+        sequences = [
+            _tokenize_row(row, number, manifest, reader, tokenizer, options)
+            for number, row in enumerate(progress, start=1)
+        ]
 
     if cache_path is not None:
         # A length of -1 marks a row whose file could not be read.
@@ -142,6 +130,27 @@ def tokenize_rows(
         except OSError as error:
             logger.warning("writing the token cache %s failed: %s", cache_path, error)
     return sequences
+
+
+def _tokenize_row(
+    row: Any, number: int, manifest: Path, reader: Any, tokenizer: Tokenizer, options: dict[str, Any]
+) -> torch.Tensor | None:
+    """Return the flattened sequence of manifest row ``number``, or None when its file is unreadable."""
+    if not isinstance(row, dict) or not isinstance(row.get("file", row.get("text")), str):
+        raise MmtokError(f"{manifest}: row {number} needs a 'file' path or a 'text' string, got {row!r:.80}")
+    if "file" in row:
+        try:
+            sample = reader.read(manifest.parent / row["file"])
+        except MmtokError as error:
+            logger.warning("skipping %s", error)
+            return None
+    else:
+        sample = Sample(row["text"])
+    try:
+        with torch.no_grad():
+            return tokenizer.to_sequence(tokenizer.encode(sample).codes, **options).to(torch.int64)
+    except MmtokError as error:
+        raise MmtokError(f"{manifest}: row {number}: {error}") from error
 
 
 def build_examples(
