@@ -107,7 +107,10 @@ def evaluate_generator(
         raise MmtokError(f"{data_dir}: no {split}.jsonl manifest for any of {', '.join(generator.token_space.modalities)}")
     if t_samples < 1:
         raise ValueError(f"t_samples must be at least 1, got {t_samples}")
-    known = lambda order: generator.layouts is None or list(order) in generator.layouts  # noqa: E731
+
+    def known(order: list[str]) -> bool:
+        return generator.layouts is None or order in generator.layouts
+
     score = _Scorer(pipeline, data_dir, baseline_split, t_samples, seed)
 
     scores: list[GeneratorScore] = []
