@@ -143,17 +143,23 @@ class _Scorer:
         self.t_samples = t_samples
         self.seed = seed
         self.unigrams: dict[str, torch.Tensor] = {}
+        # Bits per token of targets scored alone, keyed by the target tensors' identities,
+        # because the "none" row and a conditioned row of one modality share their targets.
+        # Each entry also keeps its targets alive, so their ids cannot be reused.
+        self.alone: dict[tuple[str, tuple[int, ...]], tuple[float, list[torch.Tensor]]] = {}
 
     def __call__(self, target: str, condition: str, examples: list[list[tuple[str, torch.Tensor]]]) -> GeneratorScore:
         from mmtok.train.generator import evaluate_bits_per_token
 
-        def bits(chosen: list, key: str) -> float:
-            return evaluate_bits_per_token(self.generator, chosen, t_samples=self.t_samples, seed=self.seed)[key]
-
         targets = [example[-1][1] for example in examples]
         logger.info("scoring %d %s examples given %s", len(examples), target, condition)
         unigram = _cross_entropy(self.generator, target, targets, self.unigram(target))
-        alone = bits([[(target, ids)] for ids in targets], f"bits_per_token/{target}")
+        key = (target, tuple(id(ids) for ids in targets))
+        if key not in self.alone:
+            alone_examples = [[(target, ids)] for ids in targets]
+            measured = evaluate_bits_per_token(self.generator, alone_examples, t_samples=self.t_samples, seed=self.seed)
+            self.alone[key] = (measured[f"bits_per_token/{target}"], targets)
+        alone = self.alone[key][0]
         if condition == "none":
             return GeneratorScore(target, condition, len(examples), alone, unigram)
         name = f"bits_per_token/{target}_given_{condition}"

@@ -290,8 +290,8 @@ class Generator(HubModel):
         """Map ``(B, T)`` unified ids of ``batch``'s layout to ``(B, T, D)`` features.
 
         ``t`` is the ``(B,)`` diffusion time, used only with time conditioning. When it is
-        None, the time whose expected share of masked target positions equals the observed
-        share stands in for it.
+        None, the time is the one whose expected share of masked target positions equals
+        the observed share.
         """
         x = self.token_embedding(ids) + self.modality_embedding(batch.modality_index)[None]  # (B, T, D)
         if self.time_embedding is not None:
@@ -560,7 +560,8 @@ class Generator(HubModel):
                 inner = torch.zeros(segment.slots, dtype=torch.bool)
                 inner[:last_kept] = ~keep_mask[:last_kept]
                 modality_index = self.token_space.modalities.index(modality)
-                position_kind[segment.content][inner.to(position_kind.device)] = inner_kind(modality_index)
+                segment_kinds = position_kind[segment.content]  # a view into position_kind
+                segment_kinds[inner.to(position_kind.device)] = inner_kind(modality_index)
             keep[segment.content] = slots.to(keep.device)
         batch = dataclasses.replace(batch, position_kind=position_kind)
         ids = sample(

@@ -130,9 +130,9 @@ class AudioModality(Modality):
             raise MmtokError(f"{path}: audio metadata needs a positive integer sample_rate, got {sample_rate!r}")
         frames = data.detach().to("cpu", torch.float32).clamp(-1.0, 1.0).t().numpy()  # (samples, channels)
         file_format, subtype = _WRITE_FORMATS[suffix]
-        wanted = sample.metadata.get("subtype")
-        if wanted in _KEPT_SUBTYPES and subtype.startswith("PCM") and soundfile.check_format(file_format, wanted):
-            subtype = wanted
+        requested = sample.metadata.get("subtype")
+        if requested in _KEPT_SUBTYPES and subtype.startswith("PCM") and soundfile.check_format(file_format, requested):
+            subtype = requested
         try:
             soundfile.write(str(path), frames, sample_rate, subtype=subtype, format=file_format)
         except (soundfile.LibsndfileError, RuntimeError, ValueError) as error:
