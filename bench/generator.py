@@ -1,8 +1,8 @@
 """Benchmark the masked-diffusion generator's samplers: sampling speed and token statistics of the samples.
 
-For each sampler (``confidence``, ``ancestral``, and ``confidence-greedy``: the confidence
-sampler without Gumbel noise on its order) and each number of denoising steps, the
-script generates ``--samples`` unconditional images and texts with
+The samplers are ``confidence``, ``ancestral`` and ``confidence-greedy`` (the confidence
+sampler without Gumbel noise on its order). For each sampler and number of denoising
+steps, the script generates ``--samples`` unconditional images and texts with
 ``Generator.generate`` in calls of ``--batch`` samples on the CPU, and reports:
 
 - Speed: ``--batch`` over the median wall time of one ``generate`` call, in samples per

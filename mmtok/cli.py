@@ -906,9 +906,9 @@ def eval_generator(data_dir: Path, model: str, split: str, modalities: str | Non
                    t_samples: int, as_json: bool, seed: int | None, device: str) -> None:
     """Print held-out bits per token of a generator per modality, with and without conditions.
 
-    DATA_DIR is a folder as scripts/prepare_data.py writes it; token sequences are cached
+    DATA_DIR is a folder as scripts/prepare_data.py writes it. Token sequences are cached
     in DATA_DIR/.cache/generator-tokens, as training caches them. Each row scores one target
-    modality under one condition; conditioned rows also score the same targets alone and
+    modality under one condition. A conditioned row also scores the same targets alone and
     with the condition masked, and "gain" is the bits per token the condition saves. The
     unigram column is the baseline of training-split token frequencies.
     """

@@ -819,7 +819,7 @@ def test_sample_segments_rare_tones_keep_clips():
 
 
 @pytest.mark.parametrize("subtype", ["PCM_24", "FLOAT"])
-def test_write_keeps_lossless_subtype_of_read_sample(tmp_path, subtype):
+def test_write_keeps_lossless_subtype(tmp_path, subtype):
     frames = (np.random.default_rng(0).standard_normal((4000, 2)) * 0.1).astype(np.float32)
     soundfile.write(tmp_path / "in.wav", frames, 22050, subtype=subtype)
     sample = AudioModality().read(tmp_path / "in.wav")

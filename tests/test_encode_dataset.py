@@ -185,7 +185,7 @@ def test_other_encode_options_rejected_on_rerun(tree, tmp_path):
         encode_dataset(root, tmp_path / "out", "image", shard_size=4)
 
 
-def test_unknown_encode_option_rejected_before_writing(tree, tmp_path):
+def test_unknown_encode_option_rejected(tree, tmp_path):
     root, _ = tree
     result = CliRunner().invoke(
         cli, ["encode-dataset", str(root), str(tmp_path / "out"), "--modality", "image", "--option", "levels=2"]

@@ -282,7 +282,7 @@ def test_grid_shape_must_hold_sequence_length():
         small_generator(grid_shapes={"grid": [3, 3]})
 
 
-def test_rotary_of_diagonal_positions_equals_1d_rotary():
+def test_diagonal_rotary_equals_1d():
     # (p, p) positions rotate every channel pair by p times its frequency, as 1-D rotary does.
     from mmtok.generate.model import rotary_tables
 
@@ -293,7 +293,7 @@ def test_rotary_of_diagonal_positions_equals_1d_rotary():
     assert torch.allclose(sin, (positions[:, None] * frequencies).sin())
 
 
-def test_grid_attention_depends_on_grid_shape():
+def test_grid_shape_changes_logits():
     # The same ids give other logits when the model reads them as a 2x4 rather than a 1-D grid.
     flat, grid = small_generator(), small_generator(grid_shapes={"grid": [2, 4]})
     example = [text_and_grid([3, 4])]
@@ -308,7 +308,7 @@ def test_time_conditioning_uses_time():
     assert not torch.allclose(early, late)
 
 
-def test_time_conditioning_reaches_time_embedding_in_loss():
+def test_time_conditioning_trains_embedding():
     model = small_generator(time_conditioning=True).train()
     batch = model.make_batch([text_and_grid([3, 4])] * 4)
     model.loss(batch, generator=torch.Generator().manual_seed(0)).loss.backward()
@@ -444,7 +444,7 @@ def test_unmasking_schedules_differ_in_pace():
     assert halfway == {"cosine": 45, "linear": 32, "square": 48, "sqrt": 18}
 
 
-def test_confidence_noise_changes_order_not_validity():
+def test_confidence_noise_changes_order():
     model = small_generator()
     greedy = model.generate("grid", 4, steps=4, seed=0, confidence_noise=0.0)
     noisy = model.generate("grid", 4, steps=4, seed=0, confidence_noise=4.5)

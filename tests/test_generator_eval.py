@@ -1,6 +1,6 @@
 """Tests of `mmtok eval generator` and conditional generation with the bundled pipeline.
 
-The data folder holds real clip art that ``scripts/prepare_data.py`` puts in the held-out
+The data folder contains real clip art that ``scripts/prepare_data.py`` puts in the held-out
 split (the bundled generator never trained on it), with the captions that script makes.
 """
 
@@ -156,7 +156,7 @@ def test_generate_untrained_order_names_trained_orders(tmp_path, speech):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_guided_text_to_image_differs_from_unguided(pipeline):
+def test_guidance_changes_text_to_image(pipeline):
     plain = pipeline.generate("image", 2, prompt="animals bird", steps=8, seed=0)
     guided = pipeline.generate("image", 2, prompt="animals bird", guidance=3.0, steps=8, seed=0)
     assert not torch.equal(plain[0].data, guided[0].data)
@@ -171,7 +171,7 @@ def test_condition_option_takes_modality_prefix(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_condition_option_unknown_suffix_suggests_prefix(tmp_path):
+def test_condition_option_unknown_suffix(tmp_path):
     (tmp_path / "picture.data").write_bytes(b"x")
     result = run("generate", "--modality", "text", "--condition", str(tmp_path / "picture.data"), "-o", str(tmp_path / "c.txt"))
     assert result.exit_code == 1
@@ -191,7 +191,7 @@ def test_condition_option_unknown_modality_prefix(tmp_path):
     assert "unknown modality 'video'" in result.output
 
 
-def test_eval_command_manifest_row_of_wrong_type(tmp_path):
+def test_eval_command_bad_manifest_row(tmp_path):
     (tmp_path / "image").mkdir()
     (tmp_path / "image" / "val.jsonl").write_text('{"file": 5}\n')
     result = run("eval", "generator", str(tmp_path))

@@ -425,7 +425,7 @@ def test_training_loader_applies_exif_rotation(tmp_path):
     assert rows[: len(rows) // 2].mean() > rows[len(rows) // 2 :].mean() + 100
 
 
-def test_training_loader_skips_files_over_pixel_limit(tmp_path, monkeypatch):
+def test_training_loader_skips_large_files(tmp_path, monkeypatch):
     from mmtok_image.train import load_images
 
     small = draw_picture(tmp_path / "small.png", (60, 40))

@@ -111,7 +111,7 @@ def test_text_span_maps_to_tokens(pipeline):
 # The generator's infill ------------------------------------------------------------------
 
 
-def test_text_infill_in_middle_keeps_length_and_ends(pipeline):
+def test_text_infill_middle_keeps_length(pipeline):
     text = pipeline.tokenizers["text"]
     ids = text.encode(Sample("One two three four five six seven.")).codes
     keep = torch.ones(len(ids), dtype=torch.bool)
@@ -122,7 +122,7 @@ def test_text_infill_in_middle_keeps_length_and_ends(pipeline):
         assert torch.equal(result[keep], ids[keep])
 
 
-def test_text_infill_of_end_may_change_length(pipeline):
+def test_text_infill_end_changes_length(pipeline):
     text = pipeline.tokenizers["text"]
     ids = text.encode(Sample("One two three four five six seven.")).codes
     keep = torch.ones(len(ids), dtype=torch.bool)
@@ -154,7 +154,7 @@ def test_inpaint_text_keeps_text_outside_span(pipeline):
 
 
 @pytest.mark.parametrize("span", [(10, 25), (60, 70), (3, 9), (0, 5), (60, 71)])
-def test_inpaint_text_keeps_characters_outside_span_that_cuts_tokens(pipeline, span):
+def test_inpaint_text_span_cutting_tokens(pipeline, span):
     # These spans start or end inside a token, which is regenerated whole.
     text = "The early bird catches the worm, but the second mouse gets the cheese.\n"
     start, end = span
@@ -173,7 +173,7 @@ def test_inpaint_audio_shorter_than_segment(pipeline):
     assert torch.equal(result.data[:, : int(0.1 * rate)], sample.data[:, : int(0.1 * rate)])
 
 
-def test_inpaint_long_audio_keeps_samples_outside_span(pipeline, speech):
+def test_inpaint_long_audio_keeps_outside(pipeline, speech):
     _, sample = read_sample(speech)
     seconds = sample.data.shape[1] / sample.metadata["sample_rate"]
     assert seconds > 2  # longer than the generator's 1.28 s segment, so a window is infilled
@@ -194,7 +194,7 @@ def test_inpaint_command_writes_image(tmp_path):
         assert image.size == (64, 64)
 
 
-def test_inpaint_command_box_outside_image_fails_cleanly(tmp_path):
+def test_inpaint_command_box_outside_image(tmp_path):
     path = draw_picture(tmp_path / "picture.png", size=(64, 64))
     result = run("inpaint", str(path), "--box", "16,16,80,48", "-o", str(tmp_path / "out.png"))
     assert result.exit_code == 1
@@ -203,20 +203,20 @@ def test_inpaint_command_box_outside_image_fails_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("arguments", [[], ["--box", "1,2,3"], ["--box", "1,2,3,nan"]])
-def test_inpaint_command_bad_region_is_usage_error(tmp_path, arguments):
+def test_inpaint_command_bad_region(tmp_path, arguments):
     path = draw_picture(tmp_path / "picture.png", size=(64, 64))
     result = run("inpaint", str(path), *arguments)
     assert result.exit_code == 2
 
 
-def test_inpaint_command_span_on_image_is_usage_error(tmp_path):
+def test_inpaint_command_span_on_image(tmp_path):
     path = draw_picture(tmp_path / "picture.png", size=(64, 64))
     result = run("inpaint", str(path), "--span", "0,1")
     assert result.exit_code == 2
     assert "use --box for images" in result.output
 
 
-def test_inpaint_command_span_too_long_for_segment(tmp_path, speech):
+def test_inpaint_command_span_too_long(tmp_path, speech):
     result = run("inpaint", str(speech), "--span", "0,2", "-o", str(tmp_path / "out.wav"))
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {speech}: the region is too large")
@@ -224,7 +224,7 @@ def test_inpaint_command_span_too_long_for_segment(tmp_path, speech):
     assert not (tmp_path / "out.wav").exists()
 
 
-def test_inpaint_command_writes_audio_of_input_length(tmp_path, speech):
+def test_inpaint_command_writes_audio(tmp_path, speech):
     result = run("inpaint", str(speech), "--span", "0.2,0.6", "--steps", "4", "--seed", "0", "-o", str(tmp_path / "out.wav"))
     assert result.exit_code == 0, result.output
     original, rate = soundfile.read(speech, dtype="float32")
