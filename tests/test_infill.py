@@ -38,28 +38,28 @@ def image_sample(width: int, height: int) -> Sample:
 
 
 def test_image_box_maps_to_grid_cells(image_tokenizer):
-    # A square image fills the 64-pixel square, so each code covers 8x8 of its pixels.
+    # A square image fills the 64-pixel square, so each code covers 4x4 of its pixels.
     tokens = image_tokenizer.encode(image_sample(64, 64))
-    mask = image_tokenizer.region_mask(tokens, (8, 16, 24, 17)).reshape(8, 8)
-    expected = torch.zeros(8, 8, dtype=torch.bool)
-    expected[2:3, 1:3] = True
+    mask = image_tokenizer.region_mask(tokens, (8, 16, 24, 17)).reshape(16, 16)
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:5, 2:6] = True
     assert torch.equal(mask, expected)
 
 
 def test_image_box_follows_fit_letterbox(image_tokenizer):
-    # 128x64 is fitted to 64x32, centred at rows 16-47; its left half is columns 0-3.
+    # 128x64 is fitted to 64x32, centred at rows 16-47; its left half is columns 0-7.
     tokens = image_tokenizer.encode(image_sample(128, 64))
-    mask = image_tokenizer.region_mask(tokens, (0, 0, 64, 64)).reshape(8, 8)
-    expected = torch.zeros(8, 8, dtype=torch.bool)
-    expected[2:6, 0:4] = True
+    mask = image_tokenizer.region_mask(tokens, (0, 0, 64, 64)).reshape(16, 16)
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:12, 0:8] = True
     assert torch.equal(mask, expected)
 
 
 def test_image_box_follows_crop(image_tokenizer):
     # The centred 64x64 square of a 128x64 image spans x 32-95; a box left of it misses it.
     tokens = image_tokenizer.encode(image_sample(128, 64), resize="crop")
-    mask = image_tokenizer.region_mask(tokens, (32, 0, 40, 8)).reshape(8, 8)
-    assert mask.nonzero().tolist() == [[0, 0]]
+    mask = image_tokenizer.region_mask(tokens, (32, 0, 40, 8)).reshape(16, 16)
+    assert mask.nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     with pytest.raises(MmtokError, match="outside the encoded centre square"):
         image_tokenizer.region_mask(tokens, (0, 0, 16, 16))
 
