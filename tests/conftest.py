@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import hashlib
 import http.server
+import importlib.util
 import shutil
 import subprocess
 import threading
@@ -22,6 +23,15 @@ import torch
 from PIL import Image, ImageDraw
 
 OPENCLIPART = Path("/usr/share/openclipart/png")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare_data_module():
+    """Import ``scripts/prepare_data.py``, whose split and caption rules tests reuse."""
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -204,7 +204,7 @@ def test_tampered_shard_index_rejected(tree, tmp_path):
     rows[1]["shape"] = [9, 9]
     index.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    with pytest.raises(MmtokError, match=r"has shape \(9, 9\), but 64 ids"):
+    with pytest.raises(MmtokError, match=r"has shape \(9, 9\), but 256 ids"):
         list(ShardDataset(tmp_path / "out"))
 
 

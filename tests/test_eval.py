@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import draw_picture
+from conftest import OPENCLIPART, draw_picture, prepare_data_module
 from mmtok import MmtokError
 from mmtok.cli import cli
 from mmtok.modality import Modality
@@ -222,3 +222,41 @@ def test_cli_eval_modality_without_evaluation(tmp_path):
     result = run("eval", "tokenizer", "--modality", "text", str(path))
     assert result.exit_code == 1
     assert "modality 'text' has no evaluation" in result.output
+
+
+# The bundled image tokenizer against JPEG ---------------------------------------------
+
+
+HELD_OUT_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def held_out_clipart(tmp_path_factory):
+    """Held-out openclipart files as ``scripts/prepare_data.py`` writes them: 128x128 on white."""
+    if not OPENCLIPART.is_dir():
+        pytest.skip("openclipart-png is not installed")
+    prepare = prepare_data_module()
+    folder = tmp_path_factory.mktemp("held-out-clipart")
+    paths = []
+    for source in sorted(OPENCLIPART.rglob("*.png")):
+        if prepare.split_of(str(source), 0.05) != "val":
+            continue
+        with Image.open(source) as image:
+            prepare.letterbox_on_white(image, prepare.IMAGE_SIZE).save(folder / f"{len(paths)}.png")
+        paths.append(folder / f"{len(paths)}.png")
+        if len(paths) == HELD_OUT_IMAGES:
+            return paths
+    pytest.skip(f"fewer than {HELD_OUT_IMAGES} held-out openclipart files")
+
+
+@pytest.mark.parametrize(("resize", "floor_db"), [("fit", 20.0), ("pad", 25.5)])
+def test_bundled_tokenizer_beats_jpeg(held_out_clipart, resize, floor_db):
+    from mmtok.api import default_tokenizer
+
+    result = evaluate_image_tokenizer(modality, default_tokenizer("image"), held_out_clipart, resize=resize)
+    row = result["rows"][0]
+    # Measured on these 24 files, fit: 20.9 dB against 20.8 dB for JPEG files 3.6 times
+    # larger (Pillow's smallest); pad: 26.6 dB against 23.3 dB for JPEG of the same size.
+    assert row["psnr_db"] > row["jpeg_psnr_db"]
+    assert row["psnr_db"] > floor_db
+    assert row["ssim"] > row["jpeg_ssim"]

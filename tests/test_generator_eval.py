@@ -6,7 +6,6 @@ split (the bundled generator never trained on it), with the captions that script
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,21 +18,13 @@ from mmtok.api import load_pipeline, read_sample
 from mmtok.cli import cli
 from mmtok.generate.evaluate import evaluate_generator
 
-from conftest import OPENCLIPART, draw_picture, one_torch_thread
+from conftest import OPENCLIPART, draw_picture, one_torch_thread, prepare_data_module
 
-ROOT = Path(__file__).resolve().parents[1]
 ITEMS = 48
 
 
 def run(*args: str):
     return CliRunner().invoke(cli, list(args))
-
-
-def prepare_data_module():
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

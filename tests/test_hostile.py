@@ -327,7 +327,7 @@ TOKEN_CASES: dict[str, tuple[str, Callable[[Tokens], bytes], str]] = {
     "float-codes.mmtok": ("image", lambda t: token_bytes(t, t.codes.float()), "codes must be int64"),
     "int32-codes.mmtok": ("audio", lambda t: token_bytes(t, t.codes.int()), "codes must be int64"),
     "image-flat.mmtok": ("image", lambda t: token_bytes(t, t.codes.flatten()), "image codes must have shape"),
-    "image-grid-16.mmtok": ("image", lambda t: token_bytes(t, torch.zeros(16, 16, dtype=torch.int64)),
+    "image-grid-9.mmtok": ("image", lambda t: token_bytes(t, torch.zeros(9, 9, dtype=torch.int64)),
                             "image codes must have shape"),
     "audio-3d.mmtok": ("audio", lambda t: token_bytes(t, t.codes[None]), "audio codes must be"),
     "audio-9-levels.mmtok": ("audio", lambda t: token_bytes(t, torch.zeros(9, 5, dtype=torch.int64)),

@@ -193,7 +193,7 @@ def test_bundled_tokenizer_reconstructs_clipart(clipart):
     # The bundled model works at 64x64, so compare at that scale.
     small = torch.nn.functional.interpolate(sample.data[None], size=(64, 64), mode="area")
     small_decoded = torch.nn.functional.interpolate(decoded.data[None], size=(64, 64), mode="area")
-    assert psnr(small, small_decoded) > 18.0
+    assert psnr(small, small_decoded) > 24.0  # measured 26.9 dB
 
 
 # Real-world inputs ----------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_cli_encode_resize_option(tmp_path):
     decoded = runner.invoke(cli, ["decode", str(tmp_path / "wide.png.mmtok"), "-o", str(tmp_path / "back.png")])
     rejected = runner.invoke(cli, ["encode", str(path), "-o", str(tmp_path / "x.mmtok"), "--option", "levels=2"])
     assert encoded.exit_code == 0, encoded.output
-    assert Tokens.load(tmp_path / "wide.png.mmtok").codes.shape == (13, 19)
+    assert Tokens.load(tmp_path / "wide.png.mmtok").codes.shape == (25, 38)  # padded to 152x100, downsampled by 4
     assert decoded.exit_code == 0, decoded.output
     assert Image.open(tmp_path / "back.png").size == (150, 97)
     assert rejected.exit_code == 1
