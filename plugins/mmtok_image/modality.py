@@ -96,9 +96,10 @@ class ImageModality(Modality):
         except MmtokError:
             raise
         except Image.DecompressionBombError as error:
+            # Pillow's own message quotes its raise threshold, twice this limit, so it is left out.
             raise MmtokError(
-                f"{path}: image is over the limit of {limit} pixels ({error}); raise MMTOK_MAX_IMAGE_PIXELS "
-                "if the file is trusted"
+                f"{path}: image is over the limit of {limit} pixels; raise MMTOK_MAX_IMAGE_PIXELS if the file is "
+                "trusted"
             ) from error
         except UnidentifiedImageError as error:
             raise MmtokError(f"{path}: not a readable image ({error})") from error

@@ -2,7 +2,7 @@
 
 Reproduce the bundled default (after ``python scripts/prepare_data.py``) with::
 
-    mmtok train tokenizer --modality image --data data/image --output runs/image-tokenizer
+    mmtok train tokenizer --modality image --data data/image --output runs/image-tokenizer --threads 1
 
 The loss is pixel L1 plus MSE plus the quantizer's commitment loss, with straight-through
 gradients through the codebook. The images and flips of a step are functions of
@@ -27,6 +27,10 @@ from mmtok.train import distributed
 from mmtok.train.loop import TrainingRun, seed_everything
 from mmtok_image.modality import ImageModality
 from mmtok_image.tokenizer import ImageTokenizer
+
+# Constructor arguments of the bundled model, used when no model arguments are given:
+# 64x64 input downsampled by 4 to 16x16 codes of 1024 entries.
+BUNDLED_MODEL_ARGS = {"resolution": 64, "channels": [24, 48, 96], "codebook_size": 1024}
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def train_image_tokenizer(
     """
     context = distributed.setup(device)
     seed_everything(seed)
-    tokenizer = ImageTokenizer(**(model_args or {"resolution": 64, "channels": [24, 48, 96, 128], "codebook_size": 512}))
+    tokenizer = ImageTokenizer(**(model_args or BUNDLED_MODEL_ARGS))
     tokenizer.to(context.device)
     train_files = list_images(data_dir, "train")[:max_images]
     validation_files = list_images(data_dir, "val")[: max(64, (max_images or 0) // 10) if max_images else None]
@@ -177,7 +181,9 @@ def train_image_tokenizer(
     tokenizer.metrics["val_images"] = len(validation_images)
     tokenizer.training_note = (
         f"Trained for {steps} steps (batch {batch_size}, seed {seed}) on {len(train_images)} images; "
-        f"validation split of {len(validation_images)} images never trained on. Command: "
+        f"validation split of {len(validation_images)} images never trained on. The validation PSNR "
+        f"compares at the model's {tokenizer.resolution}x{tokenizer.resolution} input, before decode "
+        f"scales back to each file's size. Command: "
         f"`mmtok {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
     )
     tokenizer.save_pretrained(output_dir)
