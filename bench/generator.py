@@ -304,7 +304,7 @@ def benchmark_modality(pipeline, modality: str, arguments) -> dict:
     reference, floor = split_held_out(segments, arguments.samples, arguments.seed, modality)
     scorer = Scorer(pipeline, modality, reference, segments, arguments.seed)
 
-    # One step per position of the target segment: 64 for an 8 x 8 image, and for text
+    # One step per position of the target segment: 256 for a 16 x 16 image, and for text
     # its content length plus the end-marker slot.
     slots = generator.layout([modality]).segments[-1].slots
     steps = sorted(set(arguments.steps) | {slots})

@@ -62,7 +62,7 @@ def pipeline():
 
 @pytest.fixture(scope="module")
 def scores(pipeline, held_out_folder):
-    return {(score.target, score.condition): score for score in evaluate_generator(pipeline, held_out_folder, t_samples=8)}
+    return {(score.target, score.condition): score for score in evaluate_generator(pipeline, held_out_folder, t_samples=4)}
 
 
 def test_eval_scores_every_trained_order(scores):
@@ -70,8 +70,8 @@ def test_eval_scores_every_trained_order(scores):
 
 
 def test_eval_caption_lowers_image_bits(scores):
-    # Measured with the bundled generator: 7.18 bits per token alone and 7.03 given the
-    # caption, a gain of 0.16 (0.11 on the whole held-out split).
+    # Measured with the bundled generator: 6.47 bits per token alone and 6.38 given the
+    # caption, a gain of 0.09.
     given = scores[("image", "text")]
     assert given.gain > 0.05
     assert given.alone_bits_per_token == pytest.approx(scores[("image", "none")].bits_per_token)
@@ -80,11 +80,11 @@ def test_eval_caption_lowers_image_bits(scores):
 def test_eval_image_beats_unigram(scores):
     score = scores[("image", "none")]
     assert score.bits_per_token < score.unigram_bits_per_token - 0.5
-    assert score.bits_per_token < math.log2(512)
+    assert score.bits_per_token < math.log2(1024)
 
 
 def test_eval_image_lowers_caption_bits(scores):
-    # Measured: captions cost 3.23 bits per token alone and 2.16 given the image.
+    # Measured: captions cost 3.57 bits per token alone and 2.33 given the image.
     assert scores[("text", "image")].gain > 0.3
 
 

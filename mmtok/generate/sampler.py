@@ -108,7 +108,7 @@ class _Denoiser:
     """Log-probabilities of the clean ids at masked positions, with guidance, temperature and top-p.
 
     Only the ``C`` ids that some free position may hold enter the softmax and the draws:
-    an image position allows 512 of the bundled generator's 6,664 ids, and float64
+    an image position allows 1,024 of the bundled generator's 7,176 ids, and float64
     softmax over the rest was a fifth of the sampling time. The other ids have
     probability 0 either way. :attr:`columns` maps column indices back to unified ids.
     """
