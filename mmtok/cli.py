@@ -518,7 +518,8 @@ def inpaint(file, box, span, modality, output, count, sampling, model, force, se
     region = _parse_region(box, span)
     modality, sample = api.read_sample(file, modality)
     if (box is not None) != (modality == "image"):
-        raise click.UsageError(f"{file} is read as {modality}; use --box for images and --span for audio and text")
+        # The file decides which option fits, so a mismatch is a bad input (exit 1), not a usage error.
+        raise MmtokError(f"{file} is read as {modality}; use --box for images and --span for audio and text")
     default = file.with_name(f"{file.stem}-inpainted{file.suffix}")
     targets = _sample_targets(output, default, modality, count, force)
     try:

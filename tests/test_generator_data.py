@@ -53,7 +53,7 @@ def test_build_examples_pairs_captions_with_images(data_folder, tokenizers):
     assert len(captioned) == len(CAPTIONS)
     first_caption = text.decode(text.make_tokens(text.from_sequence(captioned[0][0][1]), {})).data
     assert first_caption == CAPTIONS[0]
-    assert all(ids.shape == (64,) for example in captioned for modality, ids in example if modality == "image")
+    assert all(ids.shape == (256,) for example in captioned for modality, ids in example if modality == "image")
 
 
 def test_build_examples_adds_captioning_examples(data_folder, tokenizers):

@@ -212,8 +212,9 @@ def test_inpaint_command_bad_region(tmp_path, arguments):
 def test_inpaint_command_span_on_image(tmp_path):
     path = draw_picture(tmp_path / "picture.png", size=(64, 64))
     result = run("inpaint", str(path), "--span", "0,1")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "use --box for images" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_inpaint_command_span_too_long(tmp_path, speech):

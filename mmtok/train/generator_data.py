@@ -14,8 +14,8 @@ A modality can also come from token shards that ``mmtok encode-dataset`` wrote (
 
 Reproduce the bundled generator with::
 
-    mmtok train generator --data data --output runs/generator --steps 5000 --batch-size 32 --lr 1e-3 \
-        --threads 1 --model-arg dim=192 --model-arg depth=4 --model-arg heads=6
+    mmtok train generator --data data --output runs/generator --steps 3000 --batch-size 32 --lr 1e-3 \
+        --threads 1 --checkpoint-every 250 --model-arg dim=192 --model-arg depth=4 --model-arg heads=6
 """
 
 from __future__ import annotations
