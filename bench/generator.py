@@ -87,12 +87,9 @@ def step_list(text: str) -> list[int]:
         if not item:
             raise argparse.ArgumentTypeError(f"invalid step list {text!r}: empty entry")
         try:
-            value = int(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid step count {item!r} in {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"step counts must be at least 1, got {value}")
-        steps.append(value)
+            steps.append(positive_int(item))
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"invalid step count {item!r} in {text!r}: {error}") from None
     return steps
 
 

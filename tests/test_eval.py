@@ -255,8 +255,8 @@ def test_bundled_tokenizer_beats_jpeg(held_out_clipart, resize, floor_db):
 
     result = evaluate_image_tokenizer(modality, default_tokenizer("image"), held_out_clipart, resize=resize)
     row = result["rows"][0]
-    # Measured on these 24 files, fit: 20.9 dB against 20.8 dB for JPEG files 3.6 times
-    # larger (Pillow's smallest); pad: 26.6 dB against 23.3 dB for JPEG of the same size.
+    # Measured on these 24 files with fit: 20.9 dB, against 20.8 dB for Pillow's smallest
+    # JPEG files, 3.6 times larger. With pad: 26.6 dB, against 23.3 dB at the same size.
     assert row["psnr_db"] > row["jpeg_psnr_db"]
     assert row["psnr_db"] > floor_db
     assert row["ssim"] > row["jpeg_ssim"]

@@ -47,7 +47,7 @@ def test_image_box_maps_to_grid_cells(image_tokenizer):
 
 
 def test_image_box_follows_fit_letterbox(image_tokenizer):
-    # 128x64 is fitted to 64x32, centred at rows 16-47; its left half is columns 0-7.
+    # 128x64 is fitted to 64x32, centred at rows 16-47. Its left half is columns 0-7.
     tokens = image_tokenizer.encode(image_sample(128, 64))
     mask = image_tokenizer.region_mask(tokens, (0, 0, 64, 64)).reshape(16, 16)
     expected = torch.zeros(16, 16, dtype=torch.bool)
