@@ -9,9 +9,10 @@ Quality: on the held-out speech of ``data/audio/val`` (the rows of ``val.jsonl``
   resampling from and back to 16 kHz done by soxr.
 - Opus at 6 kbit/s: Debian's ``opusenc --bitrate 6`` and ``opusdec --rate 16000``.
 
-Each decoded file is shifted by the delay (at most 50 ms) that best aligns it with the
-16 kHz original, then scored against it with PESQ wide band, STOI, log-mel distance and
-SI-SNR (:class:`mmtok_audio.evaluate.ClipScorer`).
+Every decoded file of a codec is shifted by that codec's delay (at most 50 ms), which
+:func:`codec_delay` estimates once from the energy envelopes of all files, then scored
+against the 16 kHz original with PESQ wide band, STOI, log-mel distance and SI-SNR
+(:class:`mmtok_audio.evaluate.ClipScorer`).
 
 Speed: encode and decode real-time factors, in compute seconds per second of audio, so
 lower is faster. The script times the mmtok tokenizer's ``encode_tensor`` and
@@ -47,8 +48,10 @@ CODEC2_SAMPLE_RATE = 8000
 OPUS_KBITS = 6
 # EnCodec's 24 kHz model offers 1.5, 3, 6, 12 and 24 kbit/s, and 3 is nearest to the codecs here.
 ENCODEC_KBITS = 3.0
-# Largest delay, in samples at 16 kHz (50 ms), that `align` removes from a decoded signal.
+# Largest delay, in samples at 16 kHz (50 ms), that `codec_delay` finds.
 MAX_LAG = 800
+# Window of the moving average that smooths the power into an energy envelope: 5 ms.
+ENVELOPE_SAMPLES = 80
 
 
 def speech_files(data: Path, count: int) -> list[Path]:
@@ -75,20 +78,41 @@ def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
     return np.pad(wave, (0, length - wave.shape[0]))
 
 
-def align(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Shift a decoded signal by the lag, within ``MAX_LAG`` samples, that best correlates it with the reference.
+def energy_envelope(wave: np.ndarray) -> np.ndarray:
+    """Return the signal's power, averaged over ``ENVELOPE_SAMPLES``, less its mean."""
+    power = np.convolve(wave.astype(np.float64) ** 2, np.ones(ENVELOPE_SAMPLES) / ENVELOPE_SAMPLES, mode="same")
+    return power - power.mean()
 
-    Codec2 3200 delays its output by about 22 ms, which would lower its STOI and SI-SNR
-    without any loss of quality. Every codec gets the same correction.
+
+def codec_delay(outputs: list[np.ndarray], references: list[np.ndarray]) -> int:
+    """Return the lag in samples, within ``MAX_LAG``, that best aligns a codec's outputs with the references.
+
+    Codec2 3200 delays its output by about 20 ms, which would lower its STOI and SI-SNR
+    without any loss of quality. A codec's delay is the same for every file, so one lag
+    is chosen from the sum over files of the normalised cross-correlations of energy
+    envelopes. Envelopes rather than waveforms: a codec that does not keep the input's
+    phase (Codec2, or a spectral decoder) has a waveform cross-correlation without a clear
+    peak, and per-file lags taken from it were off by up to 25 ms. Positive means late.
     """
-    spectrum_length = 1 << int(np.ceil(np.log2(2 * reference.shape[0])))
-    correlation = np.fft.irfft(
-        np.fft.rfft(output, spectrum_length) * np.conj(np.fft.rfft(reference, spectrum_length)), spectrum_length
-    )
     lags = np.concatenate([np.arange(0, MAX_LAG + 1), np.arange(-MAX_LAG, 0)])
-    lag = int(lags[np.argmax(correlation[lags])])  # positive: the output is late
+    total = np.zeros(lags.shape[0])
+    for output, reference in zip(outputs, references):
+        output_envelope, reference_envelope = energy_envelope(output), energy_envelope(reference)
+        spectrum_length = 1 << int(np.ceil(np.log2(2 * reference.shape[0])))
+        correlation = np.fft.irfft(
+            np.fft.rfft(output_envelope, spectrum_length) * np.conj(np.fft.rfft(reference_envelope, spectrum_length)),
+            spectrum_length,
+        )
+        scale = np.linalg.norm(output_envelope) * np.linalg.norm(reference_envelope)
+        if scale > 0:
+            total += correlation[lags] / scale
+    return int(lags[np.argmax(total)])
+
+
+def shift(output: np.ndarray, lag: int) -> np.ndarray:
+    """Remove ``lag`` samples of delay from a decoded signal, keeping its length."""
     shifted = output[lag:] if lag >= 0 else np.concatenate([np.zeros(-lag, dtype=output.dtype), output])
-    return fit_length(shifted, reference.shape[0])
+    return fit_length(shifted, output.shape[0])
 
 
 def run_codec2(wave: np.ndarray, folder: Path) -> tuple[np.ndarray, int]:
@@ -158,30 +182,35 @@ def measure_speed(tokenizer, levels: int, encodec, waves: list[np.ndarray]) -> d
 
 
 def measure_quality(tokenizer, levels: int, waves: list[np.ndarray]) -> dict[str, dict[str, float]]:
-    """Score each codec's decoded speech against the originals; return means per codec."""
+    """Score each codec's decoded speech against the originals; return means and the delay per codec."""
     scorer = ClipScorer(SAMPLE_RATE, speech=True)
-    scores: dict[str, dict[str, list[float]]] = {}
+    outputs: dict[str, list[np.ndarray]] = {"mmtok": [], "Codec2": [], "Opus": []}
     stream_bytes = {"Codec2": 0, "Opus": 0}
     audio_seconds = sum(wave.shape[0] for wave in waves) / SAMPLE_RATE
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         for wave in waves:
             clip = torch.from_numpy(wave)
             codes = tokenizer.encode_tensor(prepare_clip(clip, tokenizer.hop_length))[:, :levels]
-            outputs = {"mmtok": tokenizer.decode_tensor(codes)[0, 0, : wave.shape[0]].numpy()}
-            outputs["Codec2"], size = run_codec2(wave, Path(folder))
+            outputs["mmtok"].append(tokenizer.decode_tensor(codes)[0, 0, : wave.shape[0]].numpy())
+            output, size = run_codec2(wave, Path(folder))
+            outputs["Codec2"].append(output)
             stream_bytes["Codec2"] += size
-            outputs["Opus"], size = run_opus(wave, Path(folder))
+            output, size = run_opus(wave, Path(folder))
+            outputs["Opus"].append(output)
             stream_bytes["Opus"] += size
-            for codec, output in outputs.items():
-                output = align(output.astype(np.float32), wave)
-                for name, value in scorer(torch.from_numpy(np.ascontiguousarray(output)), clip).items():
-                    if value is not None:
-                        scores.setdefault(codec, {}).setdefault(name, []).append(value)
 
     results = {}
-    for codec, metrics in scores.items():
-        results[codec] = {name: sum(values) / len(values) for name, values in metrics.items()}
-        results[codec]["pesq_clips"] = len(metrics.get("pesq_wb", []))
+    for codec, decoded in outputs.items():
+        lag = codec_delay(decoded, waves)
+        scores: dict[str, list[float]] = {}
+        for output, wave in zip(decoded, waves):
+            aligned = np.ascontiguousarray(shift(output.astype(np.float32), lag))
+            for name, value in scorer(torch.from_numpy(aligned), torch.from_numpy(wave)).items():
+                if value is not None:
+                    scores.setdefault(name, []).append(value)
+        results[codec] = {name: sum(values) / len(values) for name, values in scores.items()}
+        results[codec]["pesq_clips"] = len(scores.get("pesq_wb", []))
+        results[codec]["delay_ms"] = 1000.0 * lag / SAMPLE_RATE
     results["mmtok"]["nominal_bitrate"] = tokenizer.bitrate(levels)
     results["mmtok"]["stream_bitrate"] = tokenizer.bitrate(levels)
     results["Codec2"]["nominal_bitrate"] = float(CODEC2_MODE)
@@ -194,12 +223,12 @@ def measure_quality(tokenizer, levels: int, waves: list[np.ndarray]) -> dict[str
 def print_table(report: dict) -> None:
     print(f"{report['files']} files, {report['seconds']:.1f} s of held-out speech at 16 kHz, {report['threads']} torch thread(s)")
     print()
-    print("| codec | nominal bitrate (bit/s) | stream bitrate (bit/s) | PESQ-WB | STOI | log-mel distance | SI-SNR (dB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| codec | nominal bitrate (bit/s) | stream bitrate (bit/s) | PESQ-WB | STOI | log-mel distance | SI-SNR (dB) | delay (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for codec, row in report["quality"].items():
         print(
             f"| {codec} | {row['nominal_bitrate']:.0f} | {row['stream_bitrate']:.0f} | {row['pesq_wb']:.3f} | "
-            f"{row['stoi']:.3f} | {row['log_mel_distance']:.3f} | {row['si_snr_db']:.2f} |"
+            f"{row['stoi']:.3f} | {row['log_mel_distance']:.3f} | {row['si_snr_db']:.2f} | {row['delay_ms']:.1f} |"
         )
     print()
     print("| model | encode RTF | decode RTF |")
