@@ -276,6 +276,9 @@ class HubModel(
     ):
         """Load a model from a local folder, a bundled name or the Hub.
 
+        Called on a base class, such as ``AudioTokenizer``, it builds the subclass that
+        the config's ``mmtok_class`` names.
+
         Args:
             pretrained_model_name_or_path: a folder, a bundled name such as
                 ``mmtok/image-tokenizer``, a Hub repo id or ``owner/name/subfolder``.
@@ -299,9 +302,19 @@ class HubModel(
             token=token,
             force_download=force_download,
         )
-        model = super().from_pretrained(str(folder), **model_kwargs)
+        target = cls._saved_subclass(folder)
+        model = super(HubModel, target).from_pretrained(str(folder), **model_kwargs)
         model.name_or_path = f"{requested.rstrip('/')}/{subfolder}" if subfolder else requested
         return model
+
+    @classmethod
+    def _saved_subclass(cls, folder: Path) -> type["HubModel"]:
+        """Return the subclass of ``cls`` that the config in ``folder`` names, or ``cls`` itself."""
+        config = read_json(folder / CONFIG_NAME)
+        if config.get("mmtok_class") in (None, f"{cls.__module__}.{cls.__qualname__}"):
+            return cls
+        named = model_class(config, str(folder))
+        return named if issubclass(named, cls) else cls
 
     @classmethod
     def _from_pretrained(
