@@ -245,10 +245,14 @@ class HubModel(
     Subclasses take only JSON-serialisable ``__init__`` arguments, which the mixin stores
     in ``config.json``. ``card_template`` names the file in ``model_cards/`` to render and
     ``card_license`` the license identifier written into the card metadata.
+    ``weights_dtype``, when set, is the floating-point type that ``model.safetensors``
+    stores, such as ``torch.float16`` to halve the file; loading casts back to the
+    module's own type.
     """
 
     card_template: ClassVar[str] = "tokenizer"
     card_license: ClassVar[str] = "apache-2.0"
+    weights_dtype: ClassVar[torch.dtype | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -354,7 +358,14 @@ class HubModel(
     # Saving -------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, **kwargs):  # type: ignore[override]
-        """Write ``config.json``, ``model.safetensors`` and a freshly rendered ``README.md``."""
+        """Write ``config.json``, ``model.safetensors`` and a freshly rendered ``README.md``.
+
+        With ``weights_dtype`` set, this first rounds the model's own floating-point
+        tensors to that type, so the model in memory, the file and any model loaded from
+        it hold the same values and the same weights hash.
+        """
+        if self.weights_dtype is not None:
+            self._round_weights(self.weights_dtype)
         save_directory = Path(save_directory)
         (save_directory / CARD_NAME).unlink(missing_ok=True)
         config = dict(kwargs.pop("config", None) or self._hub_mixin_config or {})
@@ -363,9 +374,18 @@ class HubModel(
         config["mmtok_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         return super().save_pretrained(save_directory, config=config, **kwargs)
 
+    @torch.no_grad()
+    def _round_weights(self, dtype: torch.dtype) -> None:
+        for tensor in self.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+        self.__dict__.pop("_cached_hash", None)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         # Shared storage (tied weights) must be cloned for safetensors.
         state = {name: tensor.detach().contiguous().clone() for name, tensor in self.state_dict().items()}
+        if self.weights_dtype is not None:
+            state = {name: tensor.to(self.weights_dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
         safetensors.torch.save_file(state, str(save_directory / WEIGHTS_NAME))
         set_default_permissions(save_directory / WEIGHTS_NAME)
 

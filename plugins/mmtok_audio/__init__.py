@@ -6,9 +6,9 @@ Registered through the ``mmtok`` entry-point group like any third-party plugin.
 import mmtok
 
 from mmtok_audio.modality import AudioModality
-from mmtok_audio.tokenizer import AudioTokenizer
+from mmtok_audio.tokenizer import AudioTokenizer, SEANetAudioTokenizer, SpectralAudioTokenizer
 
-__all__ = ["AudioModality", "AudioTokenizer", "register_modalities"]
+__all__ = ["AudioModality", "AudioTokenizer", "SEANetAudioTokenizer", "SpectralAudioTokenizer", "register_modalities"]
 
 
 @mmtok.hookimpl

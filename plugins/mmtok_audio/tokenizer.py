@@ -1,9 +1,17 @@
-"""The audio tokenizer: a SEANet encoder/decoder around a residual vector quantizer.
+"""The audio tokenizers: an encoder and a decoder around a residual vector quantizer.
 
 The codec follows SoundStream (Zeghidour et al., 2021) and EnCodec (Défossez et al., 2022).
 Mono audio at 16 kHz is encoded to 50 latent frames per second (hop 320 samples). A stack
 of codebooks quantizes each frame, and each codebook codes the residual that the previous
 ones left. With 4 levels of 1024 codes that is 50 x 4 x 10 = 2000 bits per second.
+
+:class:`AudioTokenizer` holds everything but the networks: encoding and decoding in
+chunks, bitrates, token files, generator sequences and infilling. Two architectures
+subclass it:
+
+- :class:`SEANetAudioTokenizer`: SEANet convolutions on the waveform, as in EnCodec.
+- :class:`SpectralAudioTokenizer`: ConvNeXt blocks at the frame rate on STFT magnitudes,
+  decoded through an inverse STFT as in Vocos.
 
 Shape letters: B batch, T samples, F frames, L quantizer levels, D latent dimension.
 """
@@ -25,6 +33,7 @@ from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import Tokens
 
 from mmtok_audio.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, receptive_field_frames
+from mmtok_audio.spectral import SpectralConfig, SpectralDecoder, SpectralEncoder, spectral_receptive_field_frames
 
 
 @dataclass
@@ -43,69 +52,42 @@ class AudioTokenizerOutput:
 class AudioTokenizer(Tokenizer):
     """Neural audio codec that turns waveforms into ``(levels, frames)`` codes and back.
 
-    Args:
-        sample_rate: rate in Hz the model runs at; inputs are resampled to it.
-        channels: encoder channel count before each downsampling block and after the last;
-            one entry more than ``strides``. The decoder mirrors them.
-        strides: downsampling factor per encoder block. Their product is the hop, in
-            samples per token frame: 320 gives 50 frames/s at 16 kHz.
-        dilations: dilations of the residual units in each block (kernel 3).
-        bottleneck_dilations: dilations of the residual units at the frame rate, which
-            widen the context of each frame in place of EnCodec's LSTM.
-        latent_dim: dimension of each latent frame, the vectors the quantizer codes.
-        codebook_size: codes per quantizer level.
-        levels: number of residual quantizer levels; encoding may use fewer.
-        weight_norm: wrap every convolution in weight normalisation.
-        quantizer_decay: EMA decay of the codebook statistics. The default 0.95, a memory
-            of about 20 batches in place of the more usual 0.99, lets the codebooks follow
-            the fast-changing encoder of a short training run.
-        commitment_weight: weight beta of the commitment loss ``||z - sg(e)||^2``.
-        restart_threshold: a code whose EMA count (uses per training batch) falls below
-            this is replaced by a recent encoder output. The default training batch has
-            400 frames (8 one-second clips), so each of 1024 codes used equally would have
-            an EMA count of about 0.4. The default 0.25 restarts codes used less than
-            about once every 4 batches.
+    The base of every audio tokenizer architecture. A subclass builds its networks and
+    calls :meth:`_setup`. ``encoder`` maps ``(B, 1, T)`` to ``(B, D, T / hop_length)`` and
+    ``decoder`` maps back; the residual quantizer sits between them.
     """
 
     modality = "audio"
     card_template = "tokenizer"
+    # Half-precision files are half the size, and the rounding changed no score in the
+    # third decimal on held-out speech.
+    weights_dtype = torch.float16
 
-    def __init__(
+    def _setup(
         self,
-        sample_rate: int = 16000,
-        channels: Sequence[int] = (16, 32, 48, 96, 128),
-        strides: Sequence[int] = (4, 4, 4, 5),
-        dilations: Sequence[int] = (1,),
-        bottleneck_dilations: Sequence[int] = (1, 3, 9),
-        latent_dim: int = 64,
-        codebook_size: int = 1024,
-        levels: int = 4,
-        weight_norm: bool = False,
-        quantizer_decay: float = 0.95,
-        commitment_weight: float = 0.25,
-        restart_threshold: float = 0.25,
+        sample_rate: int,
+        hop_length: int,
+        encoder: torch.nn.Module,
+        decoder: torch.nn.Module,
+        context_frames: int,
+        latent_dim: int,
+        codebook_size: int,
+        levels: int,
+        quantizer_decay: float,
+        commitment_weight: float,
+        restart_threshold: float,
     ) -> None:
-        super().__init__()
+        """Store the networks and build the quantizer; ``context_frames`` is the receptive field per side."""
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         if levels < 1 or codebook_size < 2:
             raise ValueError(f"need levels >= 1 and codebook_size >= 2, got {levels} and {codebook_size}")
-
         self.sample_rate = int(sample_rate)
-        self.seanet = SEANetConfig(
-            channels=tuple(channels),
-            strides=tuple(strides),
-            dilations=tuple(dilations),
-            bottleneck_dilations=tuple(bottleneck_dilations),
-            latent_dim=latent_dim,
-            weight_norm=weight_norm,
-        )
-        self.hop_length = self.seanet.hop_length
+        self.hop_length = hop_length
         self.codebook_size = codebook_size
         self.levels = levels
-
-        self.encoder = SEANetEncoder(self.seanet)
-        self.decoder = SEANetDecoder(self.seanet)
+        self.encoder = encoder
+        self.decoder = decoder
         self.quantizer = ResidualVectorQuantizer(
             latent_dim,
             codebook_size,
@@ -122,7 +104,11 @@ class AudioTokenizer(Tokenizer):
         # memory stays bounded for any length. Each chunk also reads `context_frames` of
         # context on both sides, enough for the result to match one whole pass.
         self.chunk_frames = 1500
-        self.context_frames = receptive_field_frames(self.seanet)
+        self.context_frames = context_frames
+
+    def architecture_description(self) -> str:
+        """Describe the networks for the model card."""
+        raise NotImplementedError
 
     @property
     def frame_rate(self) -> float:
@@ -378,10 +364,8 @@ class AudioTokenizer(Tokenizer):
     def card_variables(self) -> dict[str, Any]:
         bits = self.frame_rate * self.levels * math.log2(self.codebook_size)
         architecture = (
-            f"SEANet-style convolutional encoder/decoder (channels {list(self.seanet.channels)}, "
-            f"strides {list(self.seanet.strides)}, latent dimension {self.seanet.latent_dim}) with a "
-            f"{self.levels}-level residual vector quantizer of {self.codebook_size} codes per level, "
-            f"at {self.sample_rate} Hz mono"
+            f"{self.architecture_description()} with a {self.levels}-level residual vector quantizer "
+            f"of {self.codebook_size} codes per level, at {self.sample_rate} Hz mono"
         )
         return {
             "modality": self.modality,
@@ -393,6 +377,149 @@ class AudioTokenizer(Tokenizer):
 
     def card_tags(self) -> list[str]:
         return ["audio", "audio-tokenizer", "neural-codec"]
+
+
+class SEANetAudioTokenizer(AudioTokenizer):
+    """Audio tokenizer with a SEANet convolutional encoder and decoder on the waveform.
+
+    Args:
+        sample_rate: rate in Hz the model runs at; inputs are resampled to it.
+        channels: encoder channel count before each downsampling block and after the last;
+            one entry more than ``strides``. The decoder mirrors them.
+        strides: downsampling factor per encoder block. Their product is the hop, in
+            samples per token frame: 320 gives 50 frames/s at 16 kHz.
+        dilations: dilations of the residual units in each block (kernel 3).
+        bottleneck_dilations: dilations of the residual units at the frame rate, which
+            widen the context of each frame in place of EnCodec's LSTM.
+        latent_dim: dimension of each latent frame, the vectors the quantizer codes.
+        codebook_size: codes per quantizer level.
+        levels: number of residual quantizer levels; encoding may use fewer.
+        weight_norm: wrap every convolution in weight normalisation.
+        quantizer_decay: EMA decay of the codebook statistics. The default 0.95, a memory
+            of about 20 batches in place of the more usual 0.99, lets the codebooks follow
+            the fast-changing encoder of a short training run.
+        commitment_weight: weight beta of the commitment loss ``||z - sg(e)||^2``.
+        restart_threshold: a code whose EMA count (uses per training batch) falls below
+            this is replaced by a recent encoder output. The default training batch has
+            400 frames (8 one-second clips), so each of 1024 codes used equally would have
+            an EMA count of about 0.4. The default 0.25 restarts codes used less than
+            about once every 4 batches.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        channels: Sequence[int] = (16, 32, 48, 96, 128),
+        strides: Sequence[int] = (4, 4, 4, 5),
+        dilations: Sequence[int] = (1,),
+        bottleneck_dilations: Sequence[int] = (1, 3, 9),
+        latent_dim: int = 64,
+        codebook_size: int = 1024,
+        levels: int = 4,
+        weight_norm: bool = False,
+        quantizer_decay: float = 0.95,
+        commitment_weight: float = 0.25,
+        restart_threshold: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.seanet = SEANetConfig(
+            channels=tuple(channels),
+            strides=tuple(strides),
+            dilations=tuple(dilations),
+            bottleneck_dilations=tuple(bottleneck_dilations),
+            latent_dim=latent_dim,
+            weight_norm=weight_norm,
+        )
+        self._setup(
+            sample_rate,
+            self.seanet.hop_length,
+            SEANetEncoder(self.seanet),
+            SEANetDecoder(self.seanet),
+            receptive_field_frames(self.seanet),
+            latent_dim,
+            codebook_size,
+            levels,
+            quantizer_decay,
+            commitment_weight,
+            restart_threshold,
+        )
+
+    def architecture_description(self) -> str:
+        return (
+            f"SEANet-style convolutional encoder/decoder (channels {list(self.seanet.channels)}, "
+            f"strides {list(self.seanet.strides)}, latent dimension {self.seanet.latent_dim})"
+        )
+
+
+class SpectralAudioTokenizer(AudioTokenizer):
+    """Audio tokenizer whose encoder and decoder run at the frame rate on STFT frames.
+
+    The encoder reads log STFT magnitudes and the decoder predicts STFT magnitudes and
+    phases that an inverse STFT turns into samples (:mod:`mmtok_audio.spectral`). Only the
+    two STFTs run at the sample rate.
+
+    Args:
+        sample_rate: rate in Hz the model runs at; inputs are resampled to it.
+        hop_length: samples per token frame: 320 gives 50 frames/s at 16 kHz.
+        subframes: STFT frames per token frame, so the STFT hop is ``hop_length / subframes``.
+        window_length: STFT window and FFT size in samples.
+        width: channels of the ConvNeXt blocks.
+        encoder_blocks: ConvNeXt blocks in the encoder.
+        decoder_blocks: ConvNeXt blocks in the decoder.
+        latent_dim: dimension of each latent frame, the vectors the quantizer codes.
+        codebook_size: codes per quantizer level.
+        levels: number of residual quantizer levels; encoding may use fewer.
+        quantizer_decay, commitment_weight, restart_threshold: the quantizer's settings,
+            as :class:`SEANetAudioTokenizer` describes them.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        hop_length: int = 320,
+        subframes: int = 2,
+        window_length: int = 640,
+        width: int = 256,
+        encoder_blocks: int = 4,
+        decoder_blocks: int = 8,
+        latent_dim: int = 64,
+        codebook_size: int = 1024,
+        levels: int = 4,
+        quantizer_decay: float = 0.95,
+        commitment_weight: float = 0.25,
+        restart_threshold: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.spectral = SpectralConfig(
+            hop_length=hop_length,
+            subframes=subframes,
+            window_length=window_length,
+            width=width,
+            encoder_blocks=encoder_blocks,
+            decoder_blocks=decoder_blocks,
+            latent_dim=latent_dim,
+        )
+        self._setup(
+            sample_rate,
+            hop_length,
+            SpectralEncoder(self.spectral),
+            SpectralDecoder(self.spectral),
+            spectral_receptive_field_frames(self.spectral),
+            latent_dim,
+            codebook_size,
+            levels,
+            quantizer_decay,
+            commitment_weight,
+            restart_threshold,
+        )
+
+    def architecture_description(self) -> str:
+        config = self.spectral
+        return (
+            f"STFT-domain encoder ({config.encoder_blocks} ConvNeXt blocks) and inverse-STFT decoder "
+            f"({config.decoder_blocks} ConvNeXt blocks) of width {config.width}, {config.window_length}-sample "
+            f"window, STFT hop {config.stft_hop}, latent dimension {config.latent_dim},"
+        )
 
 
 def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:
