@@ -313,12 +313,20 @@ class HubModel(
 
     @classmethod
     def _saved_subclass(cls, folder: Path) -> type["HubModel"]:
-        """Return the subclass of ``cls`` that the config in ``folder`` names, or ``cls`` itself."""
+        """Return the subclass of ``cls`` that the config in ``folder`` names, or ``cls`` itself.
+
+        Raises :class:`MmtokError` when the config names a class outside ``cls``'s family.
+        """
         config = read_json(folder / CONFIG_NAME)
         if config.get("mmtok_class") in (None, f"{cls.__module__}.{cls.__qualname__}"):
             return cls
         named = model_class(config, str(folder))
-        return named if issubclass(named, cls) else cls
+        if not issubclass(named, cls):
+            raise MmtokError(
+                f"{folder}: holds a {named.__name__} model, not a {cls.__name__}; load it with "
+                f"mmtok.load_model or {named.__name__}.from_pretrained"
+            )
+        return named
 
     @classmethod
     def _from_pretrained(
@@ -362,7 +370,8 @@ class HubModel(
 
         With ``weights_dtype`` set, this first rounds the model's own floating-point
         tensors to that type, so the model in memory, the file and any model loaded from
-        it hold the same values and the same weights hash.
+        it hold the same values and the same weights hash. Tokens encoded before the
+        first save carry the hash of the unrounded weights and no longer decode.
         """
         if self.weights_dtype is not None:
             self._round_weights(self.weights_dtype)
