@@ -373,8 +373,7 @@ class HubModel(
         it hold the same values and the same weights hash. Tokens encoded before the
         first save carry the hash of the unrounded weights and no longer decode.
         """
-        if self.weights_dtype is not None:
-            self._round_weights(self.weights_dtype)
+        self.round_weights()
         save_directory = Path(save_directory)
         (save_directory / CARD_NAME).unlink(missing_ok=True)
         config = dict(kwargs.pop("config", None) or self._hub_mixin_config or {})
@@ -384,10 +383,13 @@ class HubModel(
         return super().save_pretrained(save_directory, config=config, **kwargs)
 
     @torch.no_grad()
-    def _round_weights(self, dtype: torch.dtype) -> None:
+    def round_weights(self) -> None:
+        """Round the floating-point weights in place to ``weights_dtype``, as saving does; no-op when unset."""
+        if self.weights_dtype is None:
+            return
         for tensor in self.state_dict().values():
             if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype))
+                tensor.copy_(tensor.to(self.weights_dtype))
         self.__dict__.pop("_cached_hash", None)
 
     def _save_pretrained(self, save_directory: Path) -> None:

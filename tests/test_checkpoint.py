@@ -152,13 +152,21 @@ def test_image_tokenizer_resume_is_exact(tmp_path):
     resume_matches_straight_run(train, tmp_path, stop=3)
 
 
-def test_audio_tokenizer_resume_is_exact(tmp_path):
+TINY_AUDIO = {
+    "seanet": {"architecture": "seanet", "channels": [4, 8, 8, 16, 16], "strides": [4, 4, 4, 5], "dilations": [1],
+               "bottleneck_dilations": [1, 3], "latent_dim": 8, "codebook_size": 32, "levels": 3},
+    "spectral": {"architecture": "spectral", "width": 16, "encoder_blocks": 1, "decoder_blocks": 2, "latent_dim": 8,
+                 "codebook_size": 32, "levels": 3},
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_AUDIO))
+def test_audio_tokenizer_resume_is_exact(tmp_path, architecture):
     from mmtok_audio.train import train_audio_tokenizer
 
     write_tones(tmp_path / "data" / "audio" / "train", 3)
     write_tones(tmp_path / "data" / "audio" / "val", 1)
-    model_args = {"channels": [4, 8, 8, 16, 16], "strides": [4, 4, 4, 5], "dilations": [1],
-                  "bottleneck_dilations": [1, 3], "latent_dim": 8, "codebook_size": 32, "levels": 3}
+    model_args = TINY_AUDIO[architecture]
 
     def train(output: Path, resume: bool):
         return train_audio_tokenizer(tmp_path / "data", output, steps=5, batch_size=2, segment_seconds=0.2,

@@ -49,7 +49,7 @@ FSQ_IMAGE = {"resolution": 16, "channels": [4, 8], "latent_dim": 4, "codebook_si
 # The same with the EMA vector quantizer: k-means++ seeding and restarts draw from rank 0's
 # part of the batch, so only the equality of the codebooks across ranks is checked.
 VQ_IMAGE = {"resolution": 16, "channels": [4, 8], "latent_dim": 4, "codebook_size": 16}
-TINY_AUDIO = {"channels": [4, 8, 8, 16, 16], "strides": [4, 4, 4, 5], "dilations": [1],
+TINY_AUDIO = {"architecture": "seanet", "channels": [4, 8, 8, 16, 16], "strides": [4, 4, 4, 5], "dilations": [1],
               "bottleneck_dilations": [1, 3], "latent_dim": 8, "codebook_size": 32, "levels": 3}
 
 
