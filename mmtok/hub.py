@@ -323,7 +323,7 @@ class HubModel(
         named = model_class(config, str(folder))
         if not issubclass(named, cls):
             raise MmtokError(
-                f"{folder}: holds a {named.__name__} model, not a {cls.__name__}; load it with "
+                f"{folder}: contains a {named.__name__} model, not a {cls.__name__}; load it with "
                 f"mmtok.load_model or {named.__name__}.from_pretrained"
             )
         return named
@@ -390,7 +390,6 @@ class HubModel(
         for tensor in self.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(self.weights_dtype))
-        self.__dict__.pop("_cached_hash", None)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # Shared storage (tied weights) must be cloned for safetensors.

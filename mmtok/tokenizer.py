@@ -170,6 +170,10 @@ class Tokenizer(HubModel):
         self.__dict__.pop("_cached_hash", None)
         return super().train(mode)
 
+    def round_weights(self) -> None:
+        self.__dict__.pop("_cached_hash", None)
+        super().round_weights()
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__.pop("_cached_hash", None)
         super()._load_from_state_dict(*args, **kwargs)

@@ -594,7 +594,7 @@ def test_save_load_round_trip_same_tokens(tokenizer, tmp_path):
 def test_load_with_other_architecture_raises(tmp_path):
     make_tokenizer(architecture="spectral").save_pretrained(tmp_path / "model")
 
-    with pytest.raises(MmtokError, match="holds a SpectralAudioTokenizer model, not a SEANetAudioTokenizer"):
+    with pytest.raises(MmtokError, match="contains a SpectralAudioTokenizer model, not a SEANetAudioTokenizer"):
         SEANetAudioTokenizer.from_pretrained(tmp_path / "model")
 
 def test_saved_config_and_card(tokenizer, tmp_path):

@@ -187,10 +187,10 @@ class SpectralDecoder(nn.Module):
         wave = F.fold(segments.transpose(1, 2), **fold)[:, 0, 0]  # (B, length)
         squared_window = self.window.pow(2).view(1, -1, 1).expand(1, -1, count)
         envelope = F.fold(squared_window, **fold)[0, 0, 0]  # (length,)
-        kept = slice(config.padding, length - config.padding)
-        # Every kept sample lies under at least one frame's window; the floor only guards
-        # against a window whose ends are exactly zero there.
-        return wave[:, kept] / envelope[kept].clamp_min(1e-8)
+        inside = slice(config.padding, length - config.padding)
+        # Every sample inside the trimmed range lies under at least one frame's window. The
+        # floor only guards against a window whose ends are exactly zero there.
+        return wave[:, inside] / envelope[inside].clamp_min(1e-8)
 
 
 def spectral_receptive_field_frames(config: SpectralConfig) -> int:

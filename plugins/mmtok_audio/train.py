@@ -354,7 +354,7 @@ def train_audio_tokenizer(
     run.run(train_step, on_checkpoint)
     if not context.is_main:
         distributed.barrier()  # wait until rank 0 has saved the model
-        tokenizer.round_weights()  # as saving did on rank 0, so every rank holds the same weights
+        tokenizer.round_weights()  # as saving did on rank 0, so all ranks end with the same weights
         return tokenizer
 
     tokenizer.metrics = evaluate_tokenizer(tokenizer, validation_clips)
