@@ -3,8 +3,8 @@
 Quality: on the held-out speech of ``data/audio/val`` (the rows of ``val.jsonl`` whose
 ``kind`` is ``speech``), each codec encodes and decodes every file at 16 kHz:
 
-- mmtok: the bundled ``mmtok/audio-tokenizer`` with the most levels whose bitrate does
-  not exceed ``--bitrate`` (all 4 levels, 2 kbit/s, at the default of 3000).
+- mmtok: the bundled ``mmtok/audio-tokenizer`` (or ``--model``) with the most levels whose
+  bitrate does not exceed ``--bitrate`` (all 6 levels, 3 kbit/s, at the default of 3000).
 - Codec2 at 3.2 kbit/s: Debian's ``c2enc``/``c2dec`` on 8 kHz 16-bit raw audio, with the
   resampling from and back to 16 kHz done by soxr.
 - Opus at 6 kbit/s: Debian's ``opusenc --bitrate 6`` and ``opusdec --rate 16000``.
@@ -226,8 +226,9 @@ def print_table(report: dict) -> None:
     print("| codec | nominal bitrate (bit/s) | stream bitrate (bit/s) | PESQ-WB | STOI | log-mel distance | SI-SNR (dB) | delay (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for codec, row in report["quality"].items():
+        name = f"mmtok ({report['mmtok_levels']} levels)" if codec == "mmtok" else codec
         print(
-            f"| {codec} | {row['nominal_bitrate']:.0f} | {row['stream_bitrate']:.0f} | {row['pesq_wb']:.3f} | "
+            f"| {name} | {row['nominal_bitrate']:.0f} | {row['stream_bitrate']:.0f} | {row['pesq_wb']:.3f} | "
             f"{row['stoi']:.3f} | {row['log_mel_distance']:.3f} | {row['si_snr_db']:.2f} | {row['delay_ms']:.1f} |"
         )
     print()
@@ -249,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=20, help="number of held-out speech files")
     parser.add_argument("--bitrate", type=float, default=3000.0, help="highest mmtok bitrate in bit/s")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--model", default="mmtok/audio-tokenizer", help="audio tokenizer name or folder (default: the bundled one)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     arguments = parser.parse_args(argv)
 
     torch.set_num_threads(arguments.threads)
-    tokenizer = mmtok.load_model("mmtok/audio-tokenizer").eval()
+    tokenizer = mmtok.load_model(arguments.model).eval()
     levels = tokenizer.levels_for_bitrate(arguments.bitrate)
     files = speech_files(arguments.data, arguments.files)
     waves = [read_mono(path) for path in files]
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "files": len(files),
         "seconds": sum(wave.shape[0] for wave in waves) / SAMPLE_RATE,
         "threads": arguments.threads,
+        "model": arguments.model,
         "mmtok_levels": levels,
         "quality": measure_quality(tokenizer, levels, waves),
         "speed": measure_speed(tokenizer, levels, load_encodec(), waves),

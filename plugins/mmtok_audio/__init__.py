@@ -1,4 +1,4 @@
-"""The first-party audio plugin: sound files and a neural-codec tokenizer at 2 kbit/s.
+"""The first-party audio plugin: sound files and a neural-codec tokenizer at 3 kbit/s.
 
 Registered through the ``mmtok`` entry-point group like any third-party plugin.
 """
@@ -6,9 +6,16 @@ Registered through the ``mmtok`` entry-point group like any third-party plugin.
 import mmtok
 
 from mmtok_audio.modality import AudioModality
-from mmtok_audio.tokenizer import AudioTokenizer, SEANetAudioTokenizer, SpectralAudioTokenizer
+from mmtok_audio.tokenizer import AudioTokenizer, HarmonicAudioTokenizer, SEANetAudioTokenizer, SpectralAudioTokenizer
 
-__all__ = ["AudioModality", "AudioTokenizer", "SEANetAudioTokenizer", "SpectralAudioTokenizer", "register_modalities"]
+__all__ = [
+    "AudioModality",
+    "AudioTokenizer",
+    "HarmonicAudioTokenizer",
+    "SEANetAudioTokenizer",
+    "SpectralAudioTokenizer",
+    "register_modalities",
+]
 
 
 @mmtok.hookimpl

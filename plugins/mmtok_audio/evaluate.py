@@ -101,7 +101,7 @@ def prepare_clip(clip: torch.Tensor, hop_length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def measure_clips(tokenizer: "AudioTokenizer", clips: Iterable[torch.Tensor], speech: bool = False) -> dict[str, Any]:
-    """Encode and decode each clip with 1 to ``tokenizer.levels`` levels and score the results.
+    """Encode and decode each clip with ``tokenizer.min_levels`` to ``tokenizer.levels`` levels and score the results.
 
     ``clips`` are mono 1-D float tensors at the tokenizer's sample rate. An iterator is
     read one clip at a time, so the clips need not fit in memory together.
@@ -116,7 +116,7 @@ def measure_clips(tokenizer: "AudioTokenizer", clips: Iterable[torch.Tensor], sp
     was_training = tokenizer.training
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    totals: dict[int, dict[str, list[float]]] = {levels: {} for levels in range(1, tokenizer.levels + 1)}
+    totals: dict[int, dict[str, list[float]]] = {levels: {} for levels in range(tokenizer.min_levels, tokenizer.levels + 1)}
     used = torch.zeros(tokenizer.levels, tokenizer.codebook_size, dtype=torch.bool)
     clip_count = 0
     samples = 0

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtok_audio.pitch import EXCITATION_MARGIN, harmonic_excitation, pitch_features
+
 # Floor added to STFT magnitudes before the encoder takes their log (-80 dB re full scale).
 LOG_MAGNITUDE_FLOOR = 1e-4
 # Largest log magnitude the decoder may output: e^6 is about 400, above the magnitude of
@@ -85,6 +87,18 @@ class SpectralConfig:
         return (self.window_length - self.stft_hop) // 2
 
 
+def stft_frames(wave: torch.Tensor, config: SpectralConfig, window: torch.Tensor) -> torch.Tensor:
+    """Return the ``(B, S, N)`` complex STFT of ``(B, T)`` samples, ``T`` divisible by the STFT hop.
+
+    STFT frame ``s`` covers samples ``[s * stft_hop - padding, s * stft_hop + stft_hop + padding)``,
+    zeros outside the input, so :meth:`SpectralDecoder.overlap_add` puts frame ``s`` back
+    where it was cut.
+    """
+    padded = F.pad(wave, (config.padding, config.padding))  # (B, T + 2 * padding)
+    frames = padded.unfold(-1, config.window_length, config.stft_hop) * window  # (B, S, window_length)
+    return torch.fft.rfft(frames, dim=-1)
+
+
 class ConvNeXtBlock(nn.Module):
     """Depthwise convolution over frames, then a per-frame MLP, added back to the input."""
 
@@ -138,12 +152,9 @@ class SpectralEncoder(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """Map ``(B, 1, T)`` with ``T`` divisible by the hop to ``(B, D, F)``."""
         config = self.config
-        padded = F.pad(wave[:, 0], (config.padding, config.padding))  # (B, T + 2 * padding)
-        # STFT frame s covers samples [s * stft_hop - padding, s * stft_hop + stft_hop + padding).
-        frames = padded.unfold(-1, config.window_length, config.stft_hop) * self.window  # (B, S, window_length)
-        log_magnitude = (torch.fft.rfft(frames, dim=-1).abs() + LOG_MAGNITUDE_FLOOR).log()  # (B, S, N)
-        batch, stft_frames, bins = log_magnitude.shape
-        features = log_magnitude.reshape(batch, stft_frames // config.subframes, config.subframes * bins)
+        log_magnitude = (stft_frames(wave[:, 0], config, self.window).abs() + LOG_MAGNITUDE_FLOOR).log()  # (B, S, N)
+        batch, count, bins = log_magnitude.shape
+        features = log_magnitude.reshape(batch, count // config.subframes, config.subframes * bins)
         hidden = self.backbone(features.transpose(1, 2))  # (B, F, width)
         return self.output(hidden).transpose(1, 2)  # (B, D, F)
 
@@ -152,26 +163,38 @@ class SpectralDecoder(nn.Module):
     """Latent frames to waveform through an inverse STFT: ``(B, D, F)`` to ``(B, 1, F * hop_length)``."""
 
     embed_kernel = 7
+    # Values the head predicts per bin of each STFT frame: a log magnitude and a phase.
+    outputs_per_bin = 2
 
-    def __init__(self, config: SpectralConfig) -> None:
+    def __init__(self, config: SpectralConfig, extra_inputs: int = 0) -> None:
         super().__init__()
         self.config = config
         self.register_buffer("window", torch.hann_window(config.window_length), persistent=False)
-        self.backbone = _Backbone(config.latent_dim, config.width, config.decoder_blocks, self.embed_kernel)
-        # Per STFT frame: a log magnitude and a phase for each bin.
-        self.head = nn.Linear(config.width, config.subframes * 2 * config.bins)
+        self.backbone = _Backbone(config.latent_dim + extra_inputs, config.width, config.decoder_blocks, self.embed_kernel)
+        self.head = nn.Linear(config.width, config.subframes * self.outputs_per_bin * config.bins)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Map ``(B, D, F)`` to ``(B, 1, F * hop_length)``."""
-        config = self.config
-        hidden = self.backbone(latents)  # (B, F, width)
+        return self.synthesize(self.spectrum(self.predict(latents))).unsqueeze(1)
+
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, D, F)`` inputs to the head's ``(B, S, outputs_per_bin, N)`` values."""
+        hidden = self.backbone(inputs)  # (B, F, width)
         batch, frames, _ = hidden.shape
-        output = self.head(hidden).view(batch, frames * config.subframes, 2, config.bins)  # (B, S, 2, N)
+        config = self.config
+        return self.head(hidden).view(batch, frames * config.subframes, self.outputs_per_bin, config.bins)
+
+    @staticmethod
+    def spectrum(output: torch.Tensor) -> torch.Tensor:
+        """Return the ``(B, S, N)`` complex spectrum from the log magnitudes and phases in ``output``."""
         magnitude = output[:, :, 0].clamp(max=MAX_LOG_MAGNITUDE).exp()
         phase = output[:, :, 1]
-        spectrum = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))  # (B, S, N)
-        segments = torch.fft.irfft(spectrum, n=config.window_length, dim=-1) * self.window  # (B, S, window_length)
-        return self.overlap_add(segments).unsqueeze(1)
+        return torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+
+    def synthesize(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """Turn ``(B, S, N)`` STFT frames into ``(B, S * stft_hop)`` samples by inverse STFT."""
+        segments = torch.fft.irfft(spectrum, n=self.config.window_length, dim=-1) * self.window  # (B, S, window)
+        return self.overlap_add(segments)
 
     def overlap_add(self, segments: torch.Tensor) -> torch.Tensor:
         """Overlap-add windowed ``(B, S, window_length)`` frames into ``(B, S * stft_hop)`` samples.
@@ -191,6 +214,44 @@ class SpectralDecoder(nn.Module):
         # Every sample inside the trimmed range lies under at least one frame's window. The
         # floor only guards against a window whose ends are exactly zero there.
         return wave[:, inside] / envelope[inside].clamp_min(1e-8)
+
+
+class HarmonicDecoder(SpectralDecoder):
+    """A :class:`SpectralDecoder` that also shapes a harmonic excitation of a given pitch.
+
+    The backbone reads the latent frames and two pitch features per frame
+    (:func:`mmtok_audio.pitch.pitch_features`). Beside the log magnitude and phase of
+    each bin, the head predicts a log gain per bin for the STFT of
+    :func:`mmtok_audio.pitch.harmonic_excitation`. The output spectrum is the sum of the
+    two parts, so harmonics lie exactly at multiples of the coded pitch and keep their
+    phase from frame to frame, and the first part adds noise and what the pitch misses.
+    """
+
+    outputs_per_bin = 3
+    # Initial bias of the excitation's log gain: each harmonic of the excitation has a
+    # magnitude near 160 in a 640-sample Hann frame, and speech harmonics are far weaker.
+    initial_log_gain = -6.0
+
+    def __init__(self, config: SpectralConfig, sample_rate: int) -> None:
+        super().__init__(config, extra_inputs=2)
+        self.sample_rate = sample_rate
+        with torch.no_grad():
+            self.head.bias.view(config.subframes, self.outputs_per_bin, config.bins)[:, 2] = self.initial_log_gain
+
+    def forward(self, latents: torch.Tensor, frequency: torch.Tensor, start_phase: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, D, F)`` latents and the pitch to ``(B, 1, F * hop_length)``.
+
+        ``frequency`` and ``start_phase`` are as :func:`mmtok_audio.pitch.harmonic_excitation`
+        takes them: ``(B, F + 2 * EXCITATION_MARGIN)`` frame frequencies in Hz and ``(B, F)``
+        phases.
+        """
+        config = self.config
+        inner = frequency[:, EXCITATION_MARGIN : frequency.shape[1] - EXCITATION_MARGIN]
+        output = self.predict(torch.cat([latents, pitch_features(inner).to(latents.dtype)], dim=1))  # (B, S, 3, N)
+        excitation = harmonic_excitation(frequency, start_phase, config.hop_length, self.sample_rate)  # (B, T)
+        gain = output[:, :, 2].clamp(max=MAX_LOG_MAGNITUDE).exp()
+        spectrum = self.spectrum(output) + gain * stft_frames(excitation.to(latents.dtype), config, self.window)
+        return self.synthesize(spectrum).unsqueeze(1)
 
 
 def spectral_receptive_field_frames(config: SpectralConfig) -> int:

@@ -6,12 +6,15 @@ of codebooks quantizes each frame, and each codebook codes the residual that the
 ones left. With 4 levels of 1024 codes that is 50 x 4 x 10 = 2000 bits per second.
 
 :class:`AudioTokenizer` holds everything but the networks: encoding and decoding in
-chunks, bitrates, token files, generator sequences and infilling. Two architectures
+chunks, bitrates, token files, generator sequences and infilling. Three architectures
 subclass it:
 
 - :class:`SEANetAudioTokenizer`: SEANet convolutions on the waveform, as in EnCodec.
 - :class:`SpectralAudioTokenizer`: ConvNeXt blocks at the frame rate on STFT magnitudes,
   decoded through an inverse STFT as in Vocos.
+- :class:`HarmonicAudioTokenizer`: the spectral codec plus a measured pitch as the first
+  level of codes, whose harmonics the decoder synthesizes exactly (the bundled model:
+  6 levels, 3000 bits per second).
 
 Shape letters: B batch, T samples, F frames, L quantizer levels, D latent dimension.
 """
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import soxr
 import torch
+import torch.nn.functional as F
 
 from mmtok.errors import MmtokError
 from mmtok.modality import Sample
@@ -33,7 +37,23 @@ from mmtok.tokenizer import Tokenizer
 from mmtok.tokens import Tokens
 
 from mmtok_audio.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, receptive_field_frames
-from mmtok_audio.spectral import SpectralConfig, SpectralDecoder, SpectralEncoder, spectral_receptive_field_frames
+from mmtok_audio.pitch import (
+    EXCITATION_MARGIN,
+    F_MAX,
+    F_MIN,
+    codes_to_pitch,
+    estimate_pitch,
+    phase_increments,
+    pitch_reach_samples,
+    pitch_to_codes,
+)
+from mmtok_audio.spectral import (
+    HarmonicDecoder,
+    SpectralConfig,
+    SpectralDecoder,
+    SpectralEncoder,
+    spectral_receptive_field_frames,
+)
 
 
 @dataclass
@@ -59,6 +79,9 @@ class AudioTokenizer(Tokenizer):
 
     modality = "audio"
     card_template = "tokenizer"
+    # Rows of codes before the quantizer's levels that carry measured side information,
+    # such as the pitch of :class:`HarmonicAudioTokenizer`. Every encoding keeps them.
+    side_levels = 0
     # Half-precision files are half the size, and the rounding changed no score in the
     # third decimal on held-out speech.
     weights_dtype = torch.float16
@@ -80,8 +103,10 @@ class AudioTokenizer(Tokenizer):
         """Store the networks and build the quantizer; ``context_frames`` is the receptive field per side."""
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if levels < 1 or codebook_size < 2:
-            raise ValueError(f"need levels >= 1 and codebook_size >= 2, got {levels} and {codebook_size}")
+        if levels < self.side_levels + 1 or codebook_size < 2:
+            raise ValueError(
+                f"need levels >= {self.side_levels + 1} and codebook_size >= 2, got {levels} and {codebook_size}"
+            )
         self.sample_rate = int(sample_rate)
         self.hop_length = hop_length
         self.codebook_size = codebook_size
@@ -91,7 +116,7 @@ class AudioTokenizer(Tokenizer):
         self.quantizer = ResidualVectorQuantizer(
             latent_dim,
             codebook_size,
-            levels,
+            levels - self.side_levels,
             decay=quantizer_decay,
             beta=commitment_weight,
             restart_threshold=restart_threshold,
@@ -116,6 +141,11 @@ class AudioTokenizer(Tokenizer):
         return self.sample_rate / self.hop_length
 
     @property
+    def min_levels(self) -> int:
+        """Minimum number of levels an encoding keeps: the side levels and one quantizer level."""
+        return self.side_levels + 1
+
+    @property
     def vocab_size(self) -> int:
         return self.levels * self.codebook_size
 
@@ -129,11 +159,12 @@ class AudioTokenizer(Tokenizer):
         # The tolerance keeps a bitrate given exactly, such as 1500 for 3 levels, from
         # rounding down; min() first keeps an infinite bitrate away from floor().
         levels = math.floor(min(bitrate / self.bitrate(1), self.levels) + 1e-9) if bitrate > 0 else 0
-        if levels < 1:
+        if levels < self.min_levels:
+            lowest = self.min_levels
             raise MmtokError(
-                f"bitrate {bitrate:g} bits/s is below this tokenizer's lowest bitrate, {self.bitrate(1):g} bits/s "
-                f"(1 of {self.levels} levels); its bitrates are "
-                + ", ".join(f"{self.bitrate(count):g}" for count in range(1, self.levels + 1))
+                f"bitrate {bitrate:g} bits/s is below this tokenizer's lowest bitrate, {self.bitrate(lowest):g} bits/s "
+                f"({lowest} of {self.levels} levels); its bitrates are "
+                + ", ".join(f"{self.bitrate(count):g}" for count in range(lowest, self.levels + 1))
             )
         return levels
 
@@ -159,22 +190,36 @@ class AudioTokenizer(Tokenizer):
         frames = wave.shape[-1] // self.hop_length
         chunks = []
         for start, stop, lo, hi in self._chunks(frames):
-            latents = self.encoder(wave[..., lo * self.hop_length : hi * self.hop_length])  # (B, D, hi - lo)
-            latents = latents[..., start - lo : stop - lo]
-            chunks.append(self.quantizer(latents.transpose(1, 2), levels).codes)  # (B, stop - start, L)
-        return torch.cat(chunks, dim=1).transpose(1, 2)  # (B, L, F)
+            codes = self._encode_span(wave[..., lo * self.hop_length : hi * self.hop_length], levels)  # (B, L, hi - lo)
+            chunks.append(codes[..., start - lo : stop - lo])
+        return torch.cat(chunks, dim=-1)  # (B, L, F)
 
     @torch.no_grad()
     def decode_tensor(self, codes: torch.Tensor) -> torch.Tensor:
-        """Decode ``(B, L, F)`` codes, ``L <= levels``, to ``(B, 1, F * hop_length)``."""
-        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.levels:
-            raise ValueError(f"codes must be (batch, levels <= {self.levels}, frames), got {tuple(codes.shape)}")
-        latents = self.quantizer.lookup(codes.transpose(1, 2)).transpose(1, 2)  # (B, D, F)
+        """Decode ``(B, L, F)`` codes, ``min_levels <= L <= levels``, to ``(B, 1, F * hop_length)``."""
+        if codes.dim() != 3 or not self.min_levels <= codes.shape[1] <= self.levels:
+            raise ValueError(
+                f"codes must be (batch, {self.min_levels} <= levels <= {self.levels}, frames), got {tuple(codes.shape)}"
+            )
+        inputs = self._decoder_inputs(codes)
         chunks = []
         for start, stop, lo, hi in self._chunks(codes.shape[-1]):
-            wave = self.decoder(latents[..., lo:hi])  # (B, 1, (hi - lo) * hop)
+            wave = self._decode_span(inputs, lo, hi)  # (B, 1, (hi - lo) * hop)
             chunks.append(wave[..., (start - lo) * self.hop_length : (stop - lo) * self.hop_length])
         return torch.cat(chunks, dim=-1)
+
+    def _encode_span(self, wave: torch.Tensor, levels: int | None) -> torch.Tensor:
+        """Encode ``(B, 1, T)`` to ``(B, L, T / hop_length)`` codes with ``levels`` levels (all when None)."""
+        latents = self.encoder(wave)  # (B, D, F)
+        return self.quantizer(latents.transpose(1, 2), levels).codes.transpose(1, 2)
+
+    def _decoder_inputs(self, codes: torch.Tensor) -> Any:
+        """Return what :meth:`_decode_span` reads for all ``(B, L, F)`` codes: here the ``(B, D, F)`` latents."""
+        return self.quantizer.lookup(codes.transpose(1, 2)).transpose(1, 2)
+
+    def _decode_span(self, inputs: Any, lo: int, hi: int) -> torch.Tensor:
+        """Decode frames ``lo`` to ``hi`` of :meth:`_decoder_inputs` to ``(B, 1, (hi - lo) * hop_length)``."""
+        return self.decoder(inputs[..., lo:hi])
 
     def _chunks(self, frames: int) -> list[tuple[int, int, int, int]]:
         """Split ``frames`` into ``(start, stop, lo, hi)``: the kept range and the range read."""
@@ -217,8 +262,8 @@ class AudioTokenizer(Tokenizer):
             levels = self.levels_for_bitrate(bitrate)
         levels = levels if levels is not None else self.encode_levels
         levels = levels if levels is not None else self.levels
-        if not 1 <= levels <= self.levels:
-            raise MmtokError(f"levels must be between 1 and {self.levels}, got {levels}")
+        if not self.min_levels <= levels <= self.levels:
+            raise MmtokError(f"levels must be between {self.min_levels} and {self.levels}, got {levels}")
         device = next(self.parameters()).device
         results = []
         for sample in samples:
@@ -243,13 +288,12 @@ class AudioTokenizer(Tokenizer):
 
         The decoded mono signal is repeated to every original channel.
         """
-        # NOTE: the bundled spectral weights keep speech intelligible (STOI 0.86 on held-out
-        # espeak-ng and flite speech) but not steady pure tones, which their training data
-        # lacks: sines of 220 to 880 Hz return 24 to 33 dB quieter, some off pitch.
+        # NOTE: the bundled weights never trained on steady pure tones. Sines of 220 to
+        # 880 Hz come back at their pitch but 7 to 19 dB quieter, and sines above the
+        # pitch range (1 kHz) about 50 dB quieter.
         self.check_tokens(tokens, high=self.codebook_size)
         codes = tokens.codes
-        if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
-            raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
+        self._check_code_rows(codes)
         sample_rate, samples, channels = _decode_metadata(tokens.metadata)
         # Edited metadata must not make decode allocate far more than the codes describe;
         # one frame of slack covers rounding in encoding's resampling and padding.
@@ -272,6 +316,12 @@ class AudioTokenizer(Tokenizer):
         data = wave.clamp(-1.0, 1.0).unsqueeze(0).repeat(channels, 1)  # (channels, samples)
         return Sample(data, {"sample_rate": sample_rate, "samples": samples, "channels": channels})
 
+    def _check_code_rows(self, codes: torch.Tensor) -> None:
+        if codes.dim() != 2 or not self.min_levels <= codes.shape[0] <= self.levels:
+            raise MmtokError(
+                f"audio codes must be ({self.min_levels} <= levels <= {self.levels}, frames), got shape {tuple(codes.shape)}"
+            )
+
     def _to_model_rate(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
         if sample_rate == self.sample_rate:
             return wave
@@ -287,8 +337,7 @@ class AudioTokenizer(Tokenizer):
         """
         if levels is not None:
             codes = codes[:levels]
-        if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.levels:
-            raise MmtokError(f"audio codes must be (levels <= {self.levels}, frames), got shape {tuple(codes.shape)}")
+        self._check_code_rows(codes)
         offsets = torch.arange(codes.shape[0], device=codes.device).unsqueeze(1) * self.codebook_size  # (L, 1)
         return (codes + offsets).t().reshape(-1)  # (F * L,)
 
@@ -364,8 +413,8 @@ class AudioTokenizer(Tokenizer):
     def card_variables(self) -> dict[str, Any]:
         bits = self.frame_rate * self.levels * math.log2(self.codebook_size)
         architecture = (
-            f"{self.architecture_description()} with a {self.levels}-level residual vector quantizer "
-            f"of {self.codebook_size} codes per level, at {self.sample_rate} Hz mono"
+            f"{self.architecture_description()} with a {self.levels - self.side_levels}-level residual vector "
+            f"quantizer of {self.codebook_size} codes per level, at {self.sample_rate} Hz mono"
         )
         return {
             "modality": self.modality,
@@ -503,8 +552,8 @@ class SpectralAudioTokenizer(AudioTokenizer):
             sample_rate,
             hop_length,
             SpectralEncoder(self.spectral),
-            SpectralDecoder(self.spectral),
-            spectral_receptive_field_frames(self.spectral),
+            self._make_decoder(sample_rate),
+            self._context_frames(sample_rate),
             latent_dim,
             codebook_size,
             levels,
@@ -513,6 +562,12 @@ class SpectralAudioTokenizer(AudioTokenizer):
             restart_threshold,
         )
 
+    def _make_decoder(self, sample_rate: int) -> torch.nn.Module:
+        return SpectralDecoder(self.spectral)
+
+    def _context_frames(self, sample_rate: int) -> int:
+        return spectral_receptive_field_frames(self.spectral)
+
     def architecture_description(self) -> str:
         config = self.spectral
         return (
@@ -520,6 +575,110 @@ class SpectralAudioTokenizer(AudioTokenizer):
             f"({config.decoder_blocks} ConvNeXt blocks) of width {config.width}, {config.window_length}-sample "
             f"window, STFT hop {config.stft_hop}, latent dimension {config.latent_dim},"
         )
+
+
+class HarmonicAudioTokenizer(SpectralAudioTokenizer):
+    """Spectral audio tokenizer that also codes the pitch and synthesizes its harmonics.
+
+    Level 0 of the codes is the pitch of each frame, measured with YIN and quantized to
+    ``codebook_size`` log-spaced values (:mod:`mmtok_audio.pitch`). Levels 1 and up are
+    the residual quantizer's. The decoder (:class:`HarmonicDecoder`) adds a harmonic
+    excitation at the coded pitch, shaped per STFT bin, to the spectral decoder's output,
+    so harmonics lie where the input's were instead of where the latents place them.
+    Every encoding keeps the pitch level, so the fewest levels is 2.
+
+    Takes the arguments of :class:`SpectralAudioTokenizer`; ``levels`` counts the pitch
+    level too. The default 6 levels of 1024 codes at 50 frames/s are 3000 bits/s.
+    """
+
+    side_levels = 1
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        hop_length: int = 320,
+        subframes: int = 2,
+        window_length: int = 640,
+        width: int = 256,
+        encoder_blocks: int = 4,
+        decoder_blocks: int = 8,
+        latent_dim: int = 64,
+        codebook_size: int = 1024,
+        levels: int = 6,
+        quantizer_decay: float = 0.95,
+        commitment_weight: float = 0.25,
+        restart_threshold: float = 0.25,
+    ) -> None:
+        super().__init__(
+            sample_rate,
+            hop_length,
+            subframes,
+            window_length,
+            width,
+            encoder_blocks,
+            decoder_blocks,
+            latent_dim,
+            codebook_size,
+            levels,
+            quantizer_decay,
+            commitment_weight,
+            restart_threshold,
+        )
+
+    def _make_decoder(self, sample_rate: int) -> torch.nn.Module:
+        return HarmonicDecoder(self.spectral, sample_rate)
+
+    def _context_frames(self, sample_rate: int) -> int:
+        pitch_frames = -(-pitch_reach_samples(sample_rate) // self.spectral.hop_length)
+        return max(super()._context_frames(sample_rate), pitch_frames + 1)
+
+    def architecture_description(self) -> str:
+        spectral = super().architecture_description().replace("inverse-STFT decoder", "harmonic inverse-STFT decoder")
+        return (
+            f"{spectral} a YIN pitch level (code 0 unvoiced, {self.codebook_size - 1} log-spaced frequencies "
+            f"from {F_MIN:g} to {F_MAX:g} Hz) before the codes,"
+        )
+
+    def forward(self, wave: torch.Tensor, levels: int | None = None) -> AudioTokenizerOutput:
+        """Encode, quantize and decode a training batch; ``levels`` counts the pitch level."""
+        self._check_wave(wave)
+        latents = self.encoder(wave)  # (B, D, F)
+        quantized = self.quantizer(latents.transpose(1, 2), None if levels is None else levels - 1)
+        with torch.no_grad():
+            pitch = pitch_to_codes(estimate_pitch(wave, self.sample_rate, self.hop_length), self.codebook_size)
+        frequency, start_phase = self._pitch_track(pitch)
+        reconstruction = self.decoder(quantized.quantized.transpose(1, 2), frequency, start_phase)
+        return AudioTokenizerOutput(reconstruction, quantized)
+
+    def _encode_span(self, wave: torch.Tensor, levels: int | None) -> torch.Tensor:
+        pitch = pitch_to_codes(estimate_pitch(wave, self.sample_rate, self.hop_length), self.codebook_size)  # (B, F)
+        codes = super()._encode_span(wave, None if levels is None else levels - 1)
+        return torch.cat([pitch.unsqueeze(1), codes], dim=1)
+
+    def _decoder_inputs(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        frequency, start_phase = self._pitch_track(codes[:, 0])
+        return super()._decoder_inputs(codes[:, 1:]), frequency, start_phase
+
+    def _decode_span(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        latents, frequency, start_phase = inputs
+        return self.decoder(latents[..., lo:hi], frequency[:, lo : hi + 2 * EXCITATION_MARGIN], start_phase[:, lo:hi])
+
+    def _pitch_track(self, pitch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the frequencies and excitation start phases of ``(B, F)`` pitch codes.
+
+        The frequencies are ``(B, F + 2 * EXCITATION_MARGIN)``, unvoiced margins included;
+        the ``(B, F)`` float64 start phases are summed over the whole input, chunk by
+        chunk, so that a chunk's excitation continues its predecessor's.
+        """
+        frequency = F.pad(codes_to_pitch(pitch, self.codebook_size), (EXCITATION_MARGIN, EXCITATION_MARGIN))
+        spans = self._chunks(pitch.shape[-1])
+        increments = [
+            phase_increments(frequency[:, start : stop + 2 * EXCITATION_MARGIN], self.hop_length, self.sample_rate)
+            for start, stop, _, _ in spans
+        ]
+        increments = torch.cat(increments, dim=1) if increments else frequency.new_zeros(pitch.shape, dtype=torch.float64)
+        start_phase = torch.remainder(increments.cumsum(1) - increments, 2 * math.pi)
+        return frequency, start_phase
 
 
 def _check_sample(sample: Sample) -> tuple[torch.Tensor, int]:

@@ -6,15 +6,15 @@ loss and, for the SEANet architecture, a waveform L1 term. Quantizer dropout (fr
 SoundStream) trains some steps with fewer residual levels, so that encoding with fewer
 levels (a lower bitrate) stays usable.
 
-The bundled ``mmtok/audio-tokenizer`` (the spectral architecture with its default
+The bundled ``mmtok/audio-tokenizer`` (the harmonic architecture with its default
 arguments) was made from the data that ``scripts/prepare_data.py`` writes:
 
     python scripts/prepare_data.py --out data --seed 0
-    mmtok train tokenizer --modality audio --data data --output runs/audio-spectral --steps 6000 \
-        --checkpoint-every 500 --threads 1 --logdir runs/logs/audio-spectral
+    mmtok train tokenizer --modality audio --data data --output runs/audio-harmonic --steps 10000 \
+        --checkpoint-every 1000 --threads 2 --logdir runs/logs/audio-harmonic
 
 and the files ``config.json``, ``model.safetensors`` and ``README.md`` of
-``runs/audio-spectral`` were then copied to ``plugins/mmtok_audio/pretrained/audio-tokenizer``.
+``runs/audio-harmonic`` were then copied to ``plugins/mmtok_audio/pretrained/audio-tokenizer``.
 ``python -m mmtok_audio.train`` with the same options runs the same training.
 """
 
@@ -38,13 +38,17 @@ from mmtok.train.loop import TrainingRun, seed_everything
 from mmtok_audio.evaluate import measure_clips, prepare_clip
 from mmtok_audio.losses import SpectralLoss
 from mmtok_audio.modality import AudioModality
-from mmtok_audio.tokenizer import AudioTokenizer, SEANetAudioTokenizer, SpectralAudioTokenizer
+from mmtok_audio.tokenizer import AudioTokenizer, HarmonicAudioTokenizer, SEANetAudioTokenizer, SpectralAudioTokenizer
 
 logger = logging.getLogger(__name__)
 
 # Tokenizer classes by the name that `--model-arg architecture=NAME` selects.
-ARCHITECTURES: dict[str, type[AudioTokenizer]] = {"seanet": SEANetAudioTokenizer, "spectral": SpectralAudioTokenizer}
-DEFAULT_ARCHITECTURE = "spectral"
+ARCHITECTURES: dict[str, type[AudioTokenizer]] = {
+    "seanet": SEANetAudioTokenizer,
+    "spectral": SpectralAudioTokenizer,
+    "harmonic": HarmonicAudioTokenizer,
+}
+DEFAULT_ARCHITECTURE = "harmonic"
 
 # Weight of the waveform L1 term per architecture. The STFT and log-mel terms ignore
 # phase, and without an adversarial loss only the waveform L1 makes the output follow the
@@ -52,8 +56,9 @@ DEFAULT_ARCHITECTURE = "spectral"
 # the input here (SI-SNR -34 dB after 400 steps); 40 reached -10 dB with an equal log-mel
 # distance. The spectral decoder predicts each STFT frame's phase. A weight of 10 did not
 # raise its PESQ-WB on held-out speech (1.107 against 1.106 without it, after 1000 steps
-# on frozen SEANet codes), so it trains on the spectral terms alone.
-WAVE_L1_WEIGHTS = {"seanet": 40.0, "spectral": 0.0}
+# on frozen SEANet codes), so it and the harmonic architecture, which shares its decoder,
+# train on the spectral terms alone.
+WAVE_L1_WEIGHTS = {"seanet": 40.0, "spectral": 0.0, "harmonic": 0.0}
 STFT_WEIGHT = 1.0
 MEL_WEIGHT = 1.0
 
@@ -198,7 +203,7 @@ def evaluate_tokenizer(tokenizer: AudioTokenizer, clips: list[torch.Tensor]) -> 
         "val_si_snr_db": round(full["si_snr_db"], 2),
         "val_log_mel_distance": full["log_mel_distance"],
     }
-    for levels in range(1, tokenizer.levels):
+    for levels in range(tokenizer.min_levels, tokenizer.levels):
         metrics[f"val_log_mel_distance_{levels}_levels"] = rows[levels]["log_mel_distance"]
     for level, usage in enumerate(result["summary"]["codebook_usage"]):
         metrics[f"val_codebook_usage_level_{level}"] = usage
@@ -252,8 +257,8 @@ def train_audio_tokenizer(
     with those metrics and a training note quoting ``command`` (by default the running
     ``mmtok`` command line). ``output_dir/checkpoint`` contains the state for ``resume``.
 
-    The module docstring gives the command that made the bundled model: about 35
-    minutes of training on one thread of a 2-core machine shared with other jobs.
+    The module docstring gives the command that made the bundled model: about 37
+    minutes of training on two threads of a 2-core machine.
 
     The segments, gains and quantizer dropout of a step are functions of ``(seed,
     step)``, so a resumed run trains on the same batches as an uninterrupted one.
@@ -262,10 +267,10 @@ def train_audio_tokenizer(
         batch_size: segments per step in all processes together; under ``torchrun`` each
             process trains on its part of the batch.
         quantizer_dropout: probability that a step uses a random smaller number of
-            residual levels (1 to levels - 1) instead of all of them.
+            levels (``min_levels`` to levels - 1) instead of all of them.
         model_args: constructor arguments of the tokenizer class, whose defaults apply to
             the rest. The key ``architecture`` picks the class from :data:`ARCHITECTURES`
-            (default ``spectral``, :class:`SpectralAudioTokenizer`).
+            (default ``harmonic``, :class:`HarmonicAudioTokenizer`).
         device: ``auto``, ``cpu`` or ``cuda``.
         tone_share: share of training segments replaced by synthetic sine tones and
             glides (:func:`synthetic_tones`); the bundled model used 0.
@@ -316,8 +321,8 @@ def train_audio_tokenizer(
         # Every process draws the same number of levels: each level's codebook update is
         # a collective operation that all processes must join.
         levels = None
-        if tokenizer.levels > 1 and float(torch.rand((), generator=generator)) < quantizer_dropout:
-            levels = int(torch.randint(1, tokenizer.levels, (), generator=generator))
+        if tokenizer.levels > tokenizer.min_levels and float(torch.rand((), generator=generator)) < quantizer_dropout:
+            levels = int(torch.randint(tokenizer.min_levels, tokenizer.levels, (), generator=generator))
 
         output = forward(batch, levels)
         wave_l1 = F.l1_loss(output.reconstruction, batch)
