@@ -157,6 +157,8 @@ TINY_AUDIO = {
                "bottleneck_dilations": [1, 3], "latent_dim": 8, "codebook_size": 32, "levels": 3},
     "spectral": {"architecture": "spectral", "width": 16, "encoder_blocks": 1, "decoder_blocks": 2, "latent_dim": 8,
                  "codebook_size": 32, "levels": 3},
+    "harmonic": {"architecture": "harmonic", "width": 16, "encoder_blocks": 1, "decoder_blocks": 2, "latent_dim": 8,
+                 "codebook_size": 32, "levels": 3},
 }
 
 
