@@ -109,6 +109,7 @@ def test_plugin_registers_audio_modality():
     assert modality.default_suffix == ".wav"
     assert {".wav", ".flac", ".ogg"} <= set(modality.suffixes)
     assert (".mp3" in modality.suffixes) == ("MP3" in soundfile.available_formats())
+    assert (".opus" in modality.suffixes) == OPUS_AVAILABLE
     assert modality.tokenizer_class() is AudioTokenizer
 
 
@@ -129,13 +130,18 @@ READ_CASES = [
 ]
 if "MP3" in soundfile.available_formats():
     READ_CASES.append((".mp3", "MPEG_LAYER_III", 24000, 2, None))
+OPUS_AVAILABLE = "OPUS" in soundfile.available_subtypes("OGG")
+if OPUS_AVAILABLE:
+    READ_CASES.append((".opus", "OPUS", 48000, 2, None))
+# Container formats that soundfile cannot infer from the suffix.
+CONTAINERS = {".opus": "OGG"}
 
 
 @pytest.mark.parametrize("suffix,subtype,sample_rate,channels,tolerance", READ_CASES)
 def test_read_formats(tmp_path, suffix, subtype, sample_rate, channels, tolerance):
     source = tone(sample_rate, 4321, channels)
     path = tmp_path / f"input{suffix}"
-    soundfile.write(path, source, sample_rate, subtype=subtype)
+    soundfile.write(path, source, sample_rate, subtype=subtype, format=CONTAINERS.get(suffix))
 
     sample = AudioModality().read(path)
 
@@ -144,14 +150,15 @@ def test_read_formats(tmp_path, suffix, subtype, sample_rate, channels, toleranc
     assert sample.metadata == {"sample_rate": sample_rate, "channels": channels, "samples": 4321, "subtype": subtype}
     if tolerance is not None:
         assert np.abs(sample.data.numpy().T - source).max() <= tolerance
-    else:  # Vorbis and MP3 are lossy: compare the signals by correlation.
+    else:  # Vorbis, Opus and MP3 are lossy: compare the signals by correlation.
         correlation = np.corrcoef(sample.data.numpy().T.ravel(), source.ravel())[0, 1]
         assert correlation > 0.9
 
 
 @pytest.mark.parametrize(
     "suffix,subtype,tolerance",
-    [(".wav", "PCM_16", 1e-4), (".flac", "PCM_16", 1e-4), (".ogg", "VORBIS", None)],
+    [(".wav", "PCM_16", 1e-4), (".flac", "PCM_16", 1e-4), (".ogg", "VORBIS", None)]
+    + ([(".opus", "OPUS", None)] if OPUS_AVAILABLE else []),
 )
 def test_write_round_trip(tmp_path, suffix, subtype, tolerance):
     modality = AudioModality()
@@ -290,7 +297,7 @@ def test_decode_restores_rate_length_channels(tokenizer, sample_rate, samples, c
 @pytest.mark.parametrize("suffix,subtype,sample_rate,channels,tolerance", READ_CASES)
 def test_file_formats_decode_to_input_shape(tokenizer, tmp_path, suffix, subtype, sample_rate, channels, tolerance):
     path = tmp_path / f"input{suffix}"
-    soundfile.write(path, tone(sample_rate, 4321, channels), sample_rate, subtype=subtype)
+    soundfile.write(path, tone(sample_rate, 4321, channels), sample_rate, subtype=subtype, format=CONTAINERS.get(suffix))
 
     decoded = tokenizer.decode(tokenizer.encode_file(path))
 
@@ -737,6 +744,28 @@ def test_evaluate_speech_false_skips_packages(tokenizer, espeak_files, monkeypat
     assert "stoi" not in result["rows"][0]
     assert math.isfinite(result["rows"][0]["log_mel_distance"])
     assert result["summary"]["speech_metrics"] is False
+
+
+def test_evaluate_short_and_silent_clips_skip_speech_metrics(tokenizer, tmp_path):
+    pytest.importorskip("pesq")
+    pytest.importorskip("pystoi")
+    short = tmp_path / "short.wav"
+    silent = tmp_path / "silent.wav"
+    soundfile.write(short, tone(16000, 10, 1), 16000)
+    soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+
+    result = AudioModality().evaluate_tokenizer(tokenizer, [short, silent])
+
+    # STOI needs 30 non-silent frames of 25.6 ms and PESQ a quarter second of speech.
+    assert result["summary"]["stoi_clips"] == 0
+    assert result["summary"]["pesq_clips"] == 0
+    assert "stoi" not in result["rows"][0]
+    assert math.isfinite(result["rows"][0]["log_mel_distance"])
+
+
+def test_evaluate_grid_option_raises(tokenizer, espeak_files, tmp_path):
+    with pytest.raises(MmtokError, match="--grid draws a picture of images"):
+        AudioModality().evaluate_tokenizer(tokenizer, espeak_files, grid=tmp_path / "grid.png")
 
 
 def test_evaluate_unknown_option_raises(tokenizer, espeak_files):

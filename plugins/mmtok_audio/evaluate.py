@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -54,6 +55,8 @@ class ClipScorer:
 
         Both inputs are 1-D ``(T,)`` with the same length. ``pesq_wb`` is None when PESQ
         finds no speech in the reference (silence, or a clip under a quarter second).
+        ``stoi`` is None when the reference has too little non-silent audio for STOI,
+        which needs 30 frames of 25.6 ms after dropping silent ones.
         """
         estimate = estimate.detach().float().cpu().view(1, -1)
         reference = reference.detach().float().cpu().view(1, -1)
@@ -65,8 +68,21 @@ class ClipScorer:
             estimate_array = estimate[0].numpy().astype(np.float64)
             reference_array = reference[0].numpy().astype(np.float64)
             scores["pesq_wb"] = self._score_pesq(estimate_array, reference_array)
-            scores["stoi"] = float(self._stoi.stoi(reference_array, estimate_array, self.sample_rate, extended=False))
+            scores["stoi"] = self._score_stoi(estimate_array, reference_array)
         return scores
+
+    def _score_stoi(self, estimate: np.ndarray, reference: np.ndarray) -> float | None:
+        # pystoi warns and returns 1e-5 when too few frames remain after dropping silent
+        # ones, and fails with an indexing error on clips shorter than one frame. It
+        # scores an all-zero reference as 0 without a warning, so that is left out here.
+        if not np.abs(reference).max() > 0.0:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                return float(self._stoi.stoi(reference, estimate, self.sample_rate, extended=False))
+            except (RuntimeWarning, ValueError, IndexError):
+                return None
 
     def _score_pesq(self, estimate: np.ndarray, reference: np.ndarray) -> float | None:
         if self.sample_rate != PESQ_SAMPLE_RATE:
@@ -110,7 +126,7 @@ def measure_clips(tokenizer: "AudioTokenizer", clips: Iterable[torch.Tensor], sp
     has ``levels``, ``bitrate`` (bits/s), the means over clips of ``log_mel_distance``
     and ``si_snr_db`` (dB), and ``codebook_usage``: for each level used, the fraction of
     its codes that occur in any clip. With ``speech`` a row also has ``stoi`` and
-    ``pesq_wb``, the latter averaged over the clips in which PESQ found speech.
+    ``pesq_wb``, each averaged over the clips that the metric could score.
     """
     scorer = ClipScorer(tokenizer.sample_rate, speech)
     was_training = tokenizer.training
@@ -157,8 +173,15 @@ def measure_clips(tokenizer: "AudioTokenizer", clips: Iterable[torch.Tensor], sp
         "codebook_usage": usage,
     }
     if speech:
-        scored = len(totals[tokenizer.levels].get("pesq_wb", []))
-        summary["pesq_clips"] = scored
-        if scored < clip_count:
-            logger.warning("PESQ found no speech in %d of %d clips; pesq_wb averages the others", clip_count - scored, clip_count)
+        for metric, name in (("pesq_wb", "PESQ"), ("stoi", "STOI")):
+            scored = len(totals[tokenizer.levels].get(metric, []))
+            summary[f"{name.lower()}_clips"] = scored
+            if scored < clip_count:
+                logger.warning(
+                    "%s could not score %d of %d clips (silent or too short); %s averages the others",
+                    name,
+                    clip_count - scored,
+                    clip_count,
+                    metric,
+                )
     return {"rows": rows, "summary": summary}

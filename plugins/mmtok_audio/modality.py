@@ -31,6 +31,9 @@ _WRITE_FORMATS = {
     ".flac": ("FLAC", "PCM_16"),
     ".ogg": ("OGG", "VORBIS"),
 }
+# libsndfile writes Opus from version 1.0.29 on, at 8, 12, 16, 24 and 48 kHz only.
+if "OPUS" in soundfile.available_subtypes("OGG"):
+    _WRITE_FORMATS[".opus"] = ("OGG", "OPUS")
 if _MP3_AVAILABLE:
     _WRITE_FORMATS[".mp3"] = ("MP3", "MPEG_LAYER_III")
 # Lossless encodings a sample's ``subtype`` metadata may ask `write` to keep, so that a
@@ -163,6 +166,8 @@ class AudioModality(Modality):
         from mmtok_audio.evaluate import measure_clips
         from mmtok_audio.tokenizer import AudioTokenizer
 
+        if "grid" in options:
+            raise MmtokError("--grid draws a picture of images and their reconstructions; audio evaluation has none, so leave it out")
         unknown = sorted(set(options) - {"speech"})
         if unknown:
             raise MmtokError(f"unknown audio evaluation option(s) {', '.join(unknown)}. The only option is speech=true or speech=false")

@@ -573,7 +573,8 @@ class SpectralAudioTokenizer(AudioTokenizer):
         return (
             f"STFT-domain encoder ({config.encoder_blocks} ConvNeXt blocks) and inverse-STFT decoder "
             f"({config.decoder_blocks} ConvNeXt blocks) of width {config.width}, {config.window_length}-sample "
-            f"window, STFT hop {config.stft_hop}, latent dimension {config.latent_dim},"
+            f"window, STFT hop {config.stft_hop} ({config.subframes} STFT frames per {config.hop_length}-sample "
+            f"token frame), latent dimension {config.latent_dim},"
         )
 
 

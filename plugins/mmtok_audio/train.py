@@ -391,7 +391,13 @@ def train_audio_tokenizer(
 
 def main(argv: list[str] | None = None) -> None:
     """Run :func:`train_audio_tokenizer` from the command line."""
-    parser = argparse.ArgumentParser(prog="python -m mmtok_audio.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mmtok_audio.train",
+        description=__doc__.split("\n")[0],
+        epilog=f"Trains the default {DEFAULT_ARCHITECTURE} architecture with its default arguments. "
+        "`mmtok train tokenizer --modality audio --model-arg architecture=NAME` selects another "
+        f"({', '.join(sorted(ARCHITECTURES))}) or other arguments.",
+    )
     parser.add_argument("--data", type=Path, required=True, help="data folder holding audio/train and audio/val")
     parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints and the final model")
     parser.add_argument("--steps", type=int, default=5000, help="optimizer steps")
