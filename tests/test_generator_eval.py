@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,8 @@ def test_eval_scores_every_trained_order(scores):
 
 
 def test_eval_caption_lowers_image_bits(scores):
-    # Measured with the bundled generator: 6.42 bits per token alone and 6.37 given the
-    # caption, a gain of 0.05.
+    # Measured with the bundled generator: 6.45 bits per token alone and 6.39 given the
+    # caption, a gain of 0.055.
     given = scores[("image", "text")]
     assert given.gain > 0.02
     assert given.alone_bits_per_token == pytest.approx(scores[("image", "none")].bits_per_token)
@@ -84,7 +85,7 @@ def test_eval_image_beats_unigram(scores):
 
 
 def test_eval_image_lowers_caption_bits(scores):
-    # Measured: captions cost 3.57 bits per token alone and 2.33 given the image.
+    # Measured: captions cost 3.42 bits per token alone and 2.29 given the image.
     assert scores[("text", "image")].gain > 0.3
 
 
@@ -105,8 +106,9 @@ def test_eval_command_prints_json(held_out_folder):
 def test_eval_command_prints_gain_line(held_out_folder):
     result = run("eval", "generator", str(held_out_folder), "--modalities", "image", "--max-items", "8", "--t-samples", "1")
     assert result.exit_code == 0, result.output
-    assert "image given text:" in result.output
-    assert "bits/token fewer than alone" in result.output
+    # The sign on 8 items and one diffusion time is noise; test_eval_caption_lowers_image_bits
+    # checks the gain itself on more samples.
+    assert re.search(r"^image given text: \d+\.\d{3} bits/token (fewer|more) than alone \(\d+\.\d%\)", result.output, re.M)
 
 
 def test_eval_command_missing_folder(tmp_path):
