@@ -21,6 +21,7 @@ lower is faster. The script times the mmtok tokenizer's ``encode_tensor`` and
 this process with the same torch thread count.
 
     python bench/audio.py --files 20
+    python bench/audio.py --speech /usr/share/sounds/alsa/[FRS]*.wav   # recorded speech (alsa-utils)
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def measure_quality(tokenizer, levels: int, waves: list[np.ndarray]) -> dict[str
 
 
 def print_table(report: dict) -> None:
-    print(f"{report['files']} files, {report['seconds']:.1f} s of held-out speech at 16 kHz, {report['threads']} torch thread(s)")
+    print(f"{report['files']} files, {report['seconds']:.1f} s of {report['source']} at 16 kHz, {report['threads']} torch thread(s)")
     print()
     print("| codec | nominal bitrate (bit/s) | stream bitrate (bit/s) | PESQ-WB | STOI | log-mel distance | SI-SNR (dB) | delay (ms) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/audio"), help="folder with val.jsonl and val/")
     parser.add_argument("--files", type=int, default=20, help="number of held-out speech files")
+    parser.add_argument(
+        "--speech",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="speech files to use instead of the held-out split, such as the recorded voice in /usr/share/sounds/alsa",
+    )
     parser.add_argument("--bitrate", type=float, default=3000.0, help="highest mmtok bitrate in bit/s")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
@@ -259,11 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(arguments.threads)
     tokenizer = mmtok.load_model(arguments.model).eval()
     levels = tokenizer.levels_for_bitrate(arguments.bitrate)
-    files = speech_files(arguments.data, arguments.files)
+    files = arguments.speech if arguments.speech else speech_files(arguments.data, arguments.files)
     waves = [read_mono(path) for path in files]
 
     report = {
         "files": len(files),
+        "source": "the given speech files" if arguments.speech else "held-out speech",
         "seconds": sum(wave.shape[0] for wave in waves) / SAMPLE_RATE,
         "threads": arguments.threads,
         "model": arguments.model,
