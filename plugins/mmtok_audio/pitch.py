@@ -7,7 +7,7 @@ measures the fundamental frequency of each frame with YIN (de Cheveigné and Kaw
 more code per frame. Its decoder receives an excitation whose harmonics lie exactly on
 that frequency, as in a source-filter vocoder.
 
-Pitch codes: 0 means unvoiced; codes 1 to ``codebook_size - 1`` are frequencies spaced
+Pitch codes: 0 means unvoiced. Codes 1 to ``codebook_size - 1`` are frequencies spaced
 evenly in log frequency from :data:`F_MIN` to :data:`F_MAX`, 4.7 cents apart with 1024
 codes.
 
@@ -81,14 +81,11 @@ def estimate_pitch(wave: torch.Tensor, sample_rate: int, hop_length: int) -> tor
     # The period is the first dip below the threshold, or the deepest dip when none is.
     below = normalized < YIN_THRESHOLD
     first_below = torch.where(below.any(-1), below.int().argmax(-1), normalized.argmin(-1))  # (B, F)
-    # Follow the dip down to its local minimum.
-    lag = first_below
-    for _ in range(longest_lag):
-        step = (lag + 1).clamp(max=longest_lag)
-        descends = normalized.gather(-1, step.unsqueeze(-1)) < normalized.gather(-1, lag.unsqueeze(-1))
-        if not bool(descends.any()):
-            break
-        lag = torch.where(descends.squeeze(-1), step, lag)
+    # Follow the dip down to its local minimum: the first lag from there on whose next
+    # lag is not lower (the longest lag always counts as one).
+    bottoms = F.pad(normalized[..., 1:] >= normalized[..., :-1], (0, 1), value=True)  # (B, F, lags)
+    bottoms &= lags >= first_below.unsqueeze(-1)
+    lag = bottoms.int().argmax(-1)
     # Parabolic interpolation between neighbouring lags refines the period below a sample.
     inner = lag.clamp(1, longest_lag - 1)
     left = normalized.gather(-1, (inner - 1).unsqueeze(-1)).squeeze(-1)
@@ -146,42 +143,53 @@ def sample_frequencies(frequency: torch.Tensor, hop_length: int) -> tuple[torch.
         :data:`UNVOICED_FREQUENCY` when neither is voiced, so that the excitation glides
         only between voiced pitches.
     """
-    frequency = frequency.double()
-    voiced = frequency > 0
-    previous = F.pad(frequency[:, :-1], (1, 0))
-    following = F.pad(frequency[:, 1:], (0, 1))
-    filled = torch.where(
-        voiced,
-        frequency,
-        torch.where(previous > 0, previous, torch.where(following > 0, following, torch.full_like(frequency, UNVOICED_FREQUENCY))),
-    )
-    margin = EXCITATION_MARGIN
-    inner = slice(margin, frequency.shape[1] - margin)
-    before = slice(margin - 1, frequency.shape[1] - margin - 1)
-    after = slice(margin + 1, frequency.shape[1] - margin + 1)
-    # Position of each sample relative to its frame's centre, in frames: -0.5 to 0.5.
-    position = (torch.arange(hop_length, dtype=torch.float64) + 0.5) / hop_length - 0.5  # (H,)
-    backward = (-position).clamp_min(0.0)  # weight of the previous frame
-    forward = position.clamp_min(0.0)  # weight of the next frame
-
-    def interpolate(values: torch.Tensor) -> torch.Tensor:
-        centre = values[:, inner, None]
-        return (
-            centre * (1 - backward - forward)
-            + values[:, before, None] * backward
-            + values[:, after, None] * forward
-        )
-
-    return interpolate(filled), interpolate(voiced.double())
+    filled, voiced = _fill_unvoiced(frequency)
+    backward, forward = _interpolation_weights(hop_length)
+    return _interpolate(filled, backward, forward), _interpolate(voiced, backward, forward)
 
 
 def phase_increments(frequency: torch.Tensor, hop_length: int, sample_rate: int) -> torch.Tensor:
     """Return the excitation's phase advance over each inner frame, ``(B, F)`` float64 radians.
 
-    ``frequency`` is as :func:`sample_frequencies` takes it.
+    ``frequency`` is as :func:`sample_frequencies` takes it. The advance is the sum of the
+    interpolated frequencies over the frame's samples, taken from the weights' sums
+    without building the samples.
     """
-    samples, _ = sample_frequencies(frequency, hop_length)
-    return (2 * math.pi / sample_rate) * samples.sum(-1)
+    filled, _ = _fill_unvoiced(frequency)
+    backward, forward = _interpolation_weights(hop_length)
+    total = _interpolate(filled, backward.sum().view(1), forward.sum().view(1), hop_length)[..., 0]
+    return (2 * math.pi / sample_rate) * total
+
+
+def _fill_unvoiced(frequency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return float64 frequencies with unvoiced frames filled from a voiced neighbour, and the voicing as 0 or 1."""
+    frequency = frequency.double()
+    voiced = frequency > 0
+    previous = F.pad(frequency[:, :-1], (1, 0))
+    following = F.pad(frequency[:, 1:], (0, 1))
+    neighbour = torch.where(previous > 0, previous, torch.where(following > 0, following, UNVOICED_FREQUENCY))
+    return torch.where(voiced, frequency, neighbour), voiced.double()
+
+
+def _interpolation_weights(hop_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the ``(H,)`` weights of the previous and of the next frame for each sample of a frame."""
+    # Position of each sample relative to its frame's centre, in frames: -0.5 to 0.5.
+    position = (torch.arange(hop_length, dtype=torch.float64) + 0.5) / hop_length - 0.5
+    return (-position).clamp_min(0.0), position.clamp_min(0.0)
+
+
+def _interpolate(values: torch.Tensor, backward: torch.Tensor, forward: torch.Tensor, count: int = 1) -> torch.Tensor:
+    """Blend each inner frame of ``(B, F + 2 * EXCITATION_MARGIN)`` values with its neighbours.
+
+    Returns ``(B, F, len(backward))``. With summed weights and ``count`` the frame's
+    sample count, the result is the sum over the frame's samples.
+    """
+    margin = EXCITATION_MARGIN
+    length = values.shape[1]
+    centre = values[:, margin : length - margin, None]
+    before = values[:, margin - 1 : length - margin - 1, None]
+    after = values[:, margin + 1 : length - margin + 1, None]
+    return centre * (count - backward - forward) + before * backward + after * forward
 
 
 def harmonic_excitation(frequency: torch.Tensor, start_phase: torch.Tensor, hop_length: int, sample_rate: int) -> torch.Tensor:

@@ -179,7 +179,7 @@ class AudioTokenizer(Tokenizer):
         """
         self._check_wave(wave)
         latents = self.encoder(wave)  # (B, D, F)
-        quantized = self.quantizer(latents.transpose(1, 2), levels)  # quantized: (B, F, D)
+        quantized = self.quantizer(latents.transpose(1, 2), self._quantizer_levels(levels))  # quantized: (B, F, D)
         reconstruction = self.decoder(quantized.quantized.transpose(1, 2))  # (B, 1, T)
         return AudioTokenizerOutput(reconstruction, quantized)
 
@@ -211,7 +211,11 @@ class AudioTokenizer(Tokenizer):
     def _encode_span(self, wave: torch.Tensor, levels: int | None) -> torch.Tensor:
         """Encode ``(B, 1, T)`` to ``(B, L, T / hop_length)`` codes with ``levels`` levels (all when None)."""
         latents = self.encoder(wave)  # (B, D, F)
-        return self.quantizer(latents.transpose(1, 2), levels).codes.transpose(1, 2)
+        return self.quantizer(latents.transpose(1, 2), self._quantizer_levels(levels)).codes.transpose(1, 2)
+
+    def _quantizer_levels(self, levels: int | None) -> int | None:
+        """Return the quantizer levels among ``levels`` levels of codes (all when None)."""
+        return None if levels is None else levels - self.side_levels
 
     def _decoder_inputs(self, codes: torch.Tensor) -> Any:
         """Return what :meth:`_decode_span` reads for all ``(B, L, F)`` codes: here the ``(B, D, F)`` latents."""
@@ -644,17 +648,18 @@ class HarmonicAudioTokenizer(SpectralAudioTokenizer):
         """Encode, quantize and decode a training batch; ``levels`` counts the pitch level."""
         self._check_wave(wave)
         latents = self.encoder(wave)  # (B, D, F)
-        quantized = self.quantizer(latents.transpose(1, 2), None if levels is None else levels - 1)
+        quantized = self.quantizer(latents.transpose(1, 2), self._quantizer_levels(levels))
         with torch.no_grad():
-            pitch = pitch_to_codes(estimate_pitch(wave, self.sample_rate, self.hop_length), self.codebook_size)
-        frequency, start_phase = self._pitch_track(pitch)
+            frequency, start_phase = self._pitch_track(self._pitch_codes(wave))
         reconstruction = self.decoder(quantized.quantized.transpose(1, 2), frequency, start_phase)
         return AudioTokenizerOutput(reconstruction, quantized)
 
     def _encode_span(self, wave: torch.Tensor, levels: int | None) -> torch.Tensor:
-        pitch = pitch_to_codes(estimate_pitch(wave, self.sample_rate, self.hop_length), self.codebook_size)  # (B, F)
-        codes = super()._encode_span(wave, None if levels is None else levels - 1)
-        return torch.cat([pitch.unsqueeze(1), codes], dim=1)
+        return torch.cat([self._pitch_codes(wave).unsqueeze(1), super()._encode_span(wave, levels)], dim=1)
+
+    def _pitch_codes(self, wave: torch.Tensor) -> torch.Tensor:
+        """Return the ``(B, F)`` pitch codes of ``(B, 1, T)`` samples."""
+        return pitch_to_codes(estimate_pitch(wave, self.sample_rate, self.hop_length), self.codebook_size)
 
     def _decoder_inputs(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         frequency, start_phase = self._pitch_track(codes[:, 0])
@@ -667,17 +672,12 @@ class HarmonicAudioTokenizer(SpectralAudioTokenizer):
     def _pitch_track(self, pitch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the frequencies and excitation start phases of ``(B, F)`` pitch codes.
 
-        The frequencies are ``(B, F + 2 * EXCITATION_MARGIN)``, unvoiced margins included;
-        the ``(B, F)`` float64 start phases are summed over the whole input, chunk by
-        chunk, so that a chunk's excitation continues its predecessor's.
+        The frequencies are ``(B, F + 2 * EXCITATION_MARGIN)``, unvoiced margins included.
+        The ``(B, F)`` float64 start phases are summed over the whole input, so that a
+        chunk's excitation continues its predecessor's.
         """
         frequency = F.pad(codes_to_pitch(pitch, self.codebook_size), (EXCITATION_MARGIN, EXCITATION_MARGIN))
-        spans = self._chunks(pitch.shape[-1])
-        increments = [
-            phase_increments(frequency[:, start : stop + 2 * EXCITATION_MARGIN], self.hop_length, self.sample_rate)
-            for start, stop, _, _ in spans
-        ]
-        increments = torch.cat(increments, dim=1) if increments else frequency.new_zeros(pitch.shape, dtype=torch.float64)
+        increments = phase_increments(frequency, self.hop_length, self.sample_rate)  # (B, F)
         start_phase = torch.remainder(increments.cumsum(1) - increments, 2 * math.pi)
         return frequency, start_phase
 
